@@ -1,0 +1,3 @@
+from c2vkd.cli import main
+
+raise SystemExit(main())

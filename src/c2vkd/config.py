@@ -1,0 +1,336 @@
+"""Experiment configuration: one YAML per experiment, `_base_` inheritance, `--set key=value` overrides.
+
+Every key is validated against :data:`DEFAULTS` (the schema *and* the default values): an unknown key is
+an error that names the file and suggests the closest valid key, a value of the wrong type is an error,
+and nothing is dropped silently. Loss entries are checked against each loss's constructor signature.
+
+Resolution order: DEFAULTS <- base files (depth first, in list order) <- the file itself <- --set overrides.
+Dicts merge key by key; lists and scalars replace. ``_base_`` paths are relative to the including file; a
+bare name such as ``methods/c2vkd-paper.yaml`` that does not exist there is looked up in the configs shipped
+with the package (``c2vkd/configs``), so user configs can inherit the presets without copying them.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from c2vkd.registry import suggest
+
+PACKAGE_CONFIGS = Path(__file__).parent / "configs"
+
+# Keys whose value is a free-form mapping (validated later by the component that consumes it).
+OPEN_KEYS = {"student.kwargs", "teacher.kwargs"}
+
+DEFAULTS: dict[str, Any] = {
+    "experiment": {
+        "name": "run",            # run directory is <output_dir>/<name>
+        "output_dir": "runs",
+        "seed": 0,
+        "deterministic": False,   # torch.use_deterministic_algorithms (slower; needed for bitwise resume on GPU)
+    },
+    "data": {
+        "format": "folder",       # folder | camvid | camvid_segnet | cityscapes | ade20k | voc
+        "root": None,
+        "ignore_index": None,     # raw void value in the label files; null -> classes.json / format default
+        "num_classes": None,      # null -> from the dataset; if set, must match it
+        "splits": {"train": "train", "val": "val", "test": "test"},
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "train_transform": {
+            "scale_range": [0.5, 2.0],
+            "base_size": None,
+            "crop_size": [512, 512],
+            "flip": True,
+            "jitter": 0.0,
+        },
+        "eval_transform": {"mode": "whole", "size": None},
+        "batch_size": 8,
+        "eval_batch_size": 1,
+        "num_workers": 2,
+    },
+    "student": {"name": "segformer_b0", "pretrained": None, "kwargs": {}},
+    "teacher": {
+        "name": None,             # null -> no teacher (supervised training)
+        "checkpoint": None,       # trained teacher weights (c2vkd run checkpoint, export, or a supported format)
+        "kwargs": {},
+        "channels_last": False,
+    },
+    # Each entry: {name: <registered loss>, weight: float, ...loss args}. Supervised training = [ce].
+    "losses": [{"name": "ce", "weight": 1.0}],
+    "optim": {
+        "name": "adamw",          # adamw | sgd
+        "lr": 6.0e-5,
+        "weight_decay": 0.01,
+        "momentum": 0.9,          # sgd only
+        "betas": [0.9, 0.999],    # adamw only
+        "head_lr_mult": 1.0,      # lr multiplier for the student's decode head and KD alignment heads
+    },
+    "schedule": {
+        "iters": 1000,
+        "warmup_iters": 0,
+        "warmup_ratio": 1.0e-6,   # lr at step 0 = lr * warmup_ratio, linear up to lr at warmup_iters
+        "power": 1.0,             # poly decay after warm-up
+        "min_lr": 0.0,
+    },
+    "train": {
+        "device": "auto",         # auto | cpu | cuda | cuda:N
+        "amp": "off",             # off | bf16 | fp16
+        "grad_clip": None,        # max grad norm, null = off
+        "accum_steps": 1,
+        "log_interval": 10,
+        "val_interval": 0,        # 0 = only at the end
+        "ckpt_interval": 0,       # 0 = only at the end
+        "keep_last": 3,
+        "nan_policy": "stop",     # stop | skip
+        "progress": True,
+        "max_val_batches": None,  # limit validation batches (quick sanity runs)
+    },
+    "eval": {
+        "split": "val",           # split for periodic validation
+        "final_split": "test",    # split evaluated at the end of training (null = skip)
+        "mode": "whole",          # whole | slide | center_crop
+        "window": None,           # [H, W] for slide / center_crop
+        "stride": None,           # [H, W] for slide
+        "scales": [1.0],
+        "flip": False,
+    },
+}
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 scalars: 1e-3 is a float (1.1 needs a dot), only true/false are booleans."""
+
+
+# YAML 1.2 booleans only: YAML 1.1 reads on/off/yes/no as booleans, which breaks keys such as cwd's `on`.
+_Loader.yaml_implicit_resolvers = {
+    k: [r for r in v if r[0] != "tag:yaml.org,2002:bool"] for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file and key."""
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+    try:
+        data = _yaml_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"invalid YAML in {path}: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must contain a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def resolve_config_path(name: str | Path, relative_to: Path | None = None) -> Path:
+    """Find a config file: as given, relative to the including file, or among the packaged configs."""
+    p = Path(name)
+    candidates = [p] if p.is_absolute() else []
+    if not p.is_absolute():
+        if relative_to is not None:
+            candidates.append(relative_to / p)
+        candidates += [p, PACKAGE_CONFIGS / p]
+        if p.suffix == "":
+            candidates.append(PACKAGE_CONFIGS / f"{p}.yaml")
+    for c in candidates:
+        if c.is_file():
+            return c
+    shipped = sorted(str(q.relative_to(PACKAGE_CONFIGS)) for q in PACKAGE_CONFIGS.rglob("*.yaml"))
+    raise ConfigError(f"config file {name!r} not found (looked in: {', '.join(map(str, candidates))}).{suggest(str(name), shipped)}")
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge: dicts merge recursively, everything else (lists included) replaces."""
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(s) for s in (*seen, path))
+        raise ConfigError(f"circular _base_ inheritance: {chain}")
+    data = _load_yaml(path)
+    bases = data.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: _base_ must be a path or a list of paths")
+    merged: dict[str, Any] = {}
+    for b in bases:
+        bp = resolve_config_path(b, relative_to=path.parent)
+        base_cfg = _load_with_bases(bp, (*seen, path))
+        validate(base_cfg, source=str(bp), partial=True)
+        merged = merge(merged, base_cfg)
+    validate(data, source=str(path), partial=True)
+    return merge(merged, data)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'a.b.0.c=value' -> (['a','b','0','c'], yaml-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set has an empty key in {item!r}")
+    try:
+        value = _yaml_load(raw) if raw.strip() != "" else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {e}") from e
+    return key.split("."), value
+
+
+def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    cfg = copy.deepcopy(cfg)
+    for item in overrides:
+        parts, value = parse_override(item)
+        node: Any = cfg
+        for i, part in enumerate(parts[:-1]):
+            here = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                node = node[_list_index(node, part, here)]
+            elif isinstance(node, dict):
+                if part not in node:
+                    if _is_open(parts[:i]):  # new key inside a free-form section (e.g. student.kwargs)
+                        node[part] = {}
+                    else:
+                        raise ConfigError(f"--set {item}: unknown key {here!r}.{suggest(part, list(node))}")
+                node = node[part]
+            else:
+                raise ConfigError(f"--set {item}: {here!r} is a {type(node).__name__}, not a section")
+        last = parts[-1]
+        if isinstance(node, list):
+            node[_list_index(node, last, ".".join(parts))] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError(f"--set {item}: {'.'.join(parts[:-1])!r} is a {type(node).__name__}, not a section")
+    return cfg
+
+
+def _is_open(parts: list[str]) -> bool:
+    return ".".join(parts) in OPEN_KEYS
+
+
+def _list_index(node: list, part: str, where: str) -> int:
+    try:
+        idx = int(part)
+    except ValueError:
+        raise ConfigError(f"{where}: expected a list index, got {part!r}") from None
+    if not -len(node) <= idx < len(node):
+        raise ConfigError(f"{where}: index {idx} out of range (list has {len(node)} items)")
+    return idx
+
+
+def _type_ok(default: Any, value: Any) -> bool:
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))
+
+
+def validate(cfg: dict[str, Any], *, source: str = "config", partial: bool = False,
+             schema: dict[str, Any] = DEFAULTS, prefix: str = "") -> None:
+    """Reject unknown keys (with a suggestion) and values whose type differs from the default's."""
+    for key, value in cfg.items():
+        full = f"{prefix}{key}"
+        if prefix == "" and key == "_base_":
+            continue
+        if key not in schema:
+            raise ConfigError(f"{source}: unknown key {full!r}.{suggest(key, list(schema))} "
+                              f"Valid keys here: {', '.join(schema)}")
+        default = schema[key]
+        if full in OPEN_KEYS:
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{source}: {full} must be a mapping, got {value!r}")
+            continue
+        if full == "losses":
+            _validate_losses(value, source)
+            continue
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {full} must be a mapping, got {value!r}")
+            validate(value, source=source, partial=partial, schema=default, prefix=f"{full}.")
+        elif not _type_ok(default, value):
+            raise ConfigError(f"{source}: {full} = {value!r} has type {type(value).__name__}, "
+                              f"expected {type(default).__name__} (default {default!r})")
+
+
+def _validate_losses(value: Any, source: str) -> None:
+    from c2vkd.losses import LOSSES  # local: config must stay importable without torch-heavy modules
+
+    if not isinstance(value, list):
+        raise ConfigError(f"{source}: losses must be a list of {{name: ..., weight: ...}} entries")
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ConfigError(f"{source}: losses[{i}] must be a mapping with a 'name' key, got {entry!r}")
+        name = entry["name"]
+        try:
+            cls = LOSSES.get(name)
+        except KeyError as e:
+            raise ConfigError(f"{source}: losses[{i}]: {e.args[0]}") from None
+        params = inspect.signature(cls.__init__).parameters
+        accepted = [p for p in params if p not in ("self", "ctx")]
+        for key in entry:
+            if key != "name" and key not in accepted:
+                raise ConfigError(f"{source}: losses[{i}] ({name}): unknown argument {key!r}."
+                                  f"{suggest(key, accepted)} Accepted: {', '.join(accepted)}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Load a YAML experiment (or only DEFAULTS when path is None), apply --set overrides, validate."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        cfg = merge(cfg, _load_with_bases(resolve_config_path(path)))
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+        validate(cfg, source="--set overrides")
+    validate(cfg, source=str(path) if path else "defaults")
+    return cfg
+
+
+def dump_config(cfg: dict[str, Any]) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
+
+
+def get(cfg: dict[str, Any], dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node

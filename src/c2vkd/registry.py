@@ -1,0 +1,53 @@
+"""A tiny name -> factory registry shared by models, losses and datasets.
+
+Unknown names raise a KeyError that lists close matches, so a typo in a config
+(`segformer_bo`) tells the user what they meant.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Callable, Generic, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+def suggest(name: str, choices: list[str] | tuple[str, ...] | set[str], n: int = 3) -> str:
+    """Return ' Did you mean: a, b?' (or '') for an unknown `name`."""
+    close = difflib.get_close_matches(str(name), sorted(map(str, choices)), n=n, cutoff=0.5)
+    return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str | None = None) -> Callable[[T], T]:
+        def deco(obj: T) -> T:
+            key = name or getattr(obj, "__name__")
+            if key in self._items:
+                raise KeyError(f"{self.kind} {key!r} is already registered")
+            self._items[key] = obj
+            return obj
+
+        return deco
+
+    def add(self, name: str, obj: T) -> None:
+        self.register(name)(obj)
+
+    def get(self, name: str) -> T:
+        if name not in self._items:
+            raise KeyError(
+                f"unknown {self.kind} {name!r}.{suggest(name, self._items)} "
+                f"Available: {', '.join(sorted(self._items))}"
+            )
+        return self._items[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._items))

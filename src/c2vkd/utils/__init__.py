@@ -1,0 +1,1 @@
+"""Small shared utilities: distributed helpers, checkpoint I/O, logging, seeding."""

@@ -1,0 +1,78 @@
+"""Checkpoint I/O: atomic writes with a checksum sidecar, safe loading (weights_only=True, never pickle).
+
+A checkpoint ``X.pt`` is written to ``X.pt.tmp``, fsynced and renamed, then ``X.pt.sha256`` is written the
+same way. Loading verifies the checksum when the sidecar exists, so a truncated or corrupted file is
+detected instead of half-loaded."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, or does not fit the model; the message names the file."""
+
+
+def _fsync_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """torch.save atomically and write a sha256 sidecar."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _fsync_write(path, lambda f: torch.save(obj, f))
+    digest = sha256_file(path)
+    _fsync_write(path.with_name(path.name + ".sha256"), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
+    return path
+
+
+def verify(path: str | Path) -> bool:
+    """True when the sidecar checksum matches (or there is no sidecar but the file exists)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    side = path.with_name(path.name + ".sha256")
+    if not side.is_file():
+        return True
+    expected = side.read_text().split()[0] if side.read_text().strip() else ""
+    return expected == sha256_file(path)
+
+
+def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """Load a .pt/.pth (weights_only=True) or .safetensors file; checksum-verified when a sidecar exists."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not verify(path):
+        raise CheckpointError(f"checkpoint {path} does not match its checksum ({path.name}.sha256): "
+                              "the file is truncated or corrupted")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device=str(map_location))
+        except Exception as e:  # safetensors raises several types for bad headers
+            raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError (truncated zip), EOFError...
+        raise CheckpointError(f"cannot load checkpoint {path} (weights_only=True; arbitrary pickled objects "
+                              f"are refused): {type(e).__name__}: {e}") from e

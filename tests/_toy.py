@@ -1,0 +1,45 @@
+"""Tiny registered models for fast engine tests (a CNN 'teacher' and a patch 'student')."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from c2vkd.models import MODELS
+from c2vkd.models.base import SegmentationModel
+
+
+class ToyCNN(SegmentationModel):
+    family = "cnn"
+    default_taps = {"feat": "layer2", "layer1": "layer1"}
+
+    def __init__(self, num_classes: int, width: int = 8) -> None:
+        super().__init__(num_classes, output_stride=4)
+        self.layer1 = nn.Sequential(nn.Conv2d(3, width, 3, 2, 1), nn.BatchNorm2d(width), nn.ReLU())
+        self.layer2 = nn.Sequential(nn.Conv2d(width, 2 * width, 3, 2, 1), nn.ReLU())
+        self.head = nn.Conv2d(2 * width, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(self.head(self.layer2(self.layer1(x))), size=x.shape[-2:], mode="bilinear",
+                             align_corners=False)
+
+
+class ToyViT(SegmentationModel):
+    family = "vit"
+    default_taps = {"feat": "stage"}
+
+    def __init__(self, num_classes: int, dim: int = 12) -> None:
+        super().__init__(num_classes, output_stride=8)
+        self.patch = nn.Conv2d(3, dim, 8, 8)
+        self.mix = nn.Sequential(nn.GroupNorm(1, dim), nn.Conv2d(dim, dim, 1), nn.GELU(), nn.Dropout(0.1))
+        self.stage = nn.Identity()
+        self.head = nn.Conv2d(dim, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.stage(self.patch(x) + self.mix(self.patch(x)))
+        return F.interpolate(self.head(f), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+for _name, _cls in (("toy_cnn", ToyCNN), ("toy_vit", ToyViT)):
+    if _name not in MODELS:
+        MODELS.add(_name, _cls)
