@@ -1,0 +1,31 @@
+"""Losses: one file per method (pure function + thin registered module). See base.py for the contract.
+
+Importing this package registers every built-in loss in ``LOSSES``:
+supervised ``ce``; C2VKD ``pdd`` and ``vlfd``; baselines ``kd``, ``dkd``, ``cwd``, ``skd``, ``ifvd``,
+``cirkd``, ``dist``, ``fitnet``, ``at``."""
+from c2vkd.losses.base import LOSSES, DistillLoss, LossContext, LossInputs, masked_mean
+from c2vkd.losses.ce import CELoss, ce_loss
+from c2vkd.losses.clip_pool import AttentionPool2d, load_clip_attnpool
+from c2vkd.losses.pdd import PDD_PRESETS, PDDLoss, pdd_loss
+from c2vkd.losses.vlfd import VLFDLoss, linguistic_loss, patch_graph_loss, vlfd_global_loss
+from c2vkd.losses.adapters import FeatureAdapter, make_adapter, resize_to
+from c2vkd.losses.at import ATLoss, at_loss
+from c2vkd.losses.cirkd import CIRKDLoss, cirkd_memory_loss, cirkd_pixel_loss, cirkd_region_loss
+from c2vkd.losses.cwd import CWDLoss, cwd_loss
+from c2vkd.losses.dist import DISTLoss, dist_loss
+from c2vkd.losses.dkd import DKDLoss, dkd_loss
+from c2vkd.losses.fitnet import FitNetLoss, fitnet_loss
+from c2vkd.losses.ifvd import IFVDLoss, ifvd_loss
+from c2vkd.losses.kd import KDLoss, kd_loss
+from c2vkd.losses.skd import SKDLoss, skd_loss
+
+__all__ = [
+    "LOSSES", "DistillLoss", "LossContext", "LossInputs", "masked_mean",
+    "CELoss", "ce_loss",
+    "AttentionPool2d", "load_clip_attnpool", "PDD_PRESETS", "PDDLoss", "pdd_loss",
+    "VLFDLoss", "linguistic_loss", "patch_graph_loss", "vlfd_global_loss",
+    "FeatureAdapter", "make_adapter", "resize_to",
+    "ATLoss", "at_loss", "CIRKDLoss", "cirkd_memory_loss", "cirkd_pixel_loss", "cirkd_region_loss",
+    "CWDLoss", "cwd_loss", "DISTLoss", "dist_loss", "DKDLoss", "dkd_loss", "FitNetLoss", "fitnet_loss",
+    "IFVDLoss", "ifvd_loss", "KDLoss", "kd_loss", "SKDLoss", "skd_loss",
+]
