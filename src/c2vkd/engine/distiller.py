@@ -1,0 +1,108 @@
+"""The Distiller: student + configured losses (with their alignment heads) + an optional frozen teacher.
+
+Supervised training is the special case with no teacher and only the ``ce`` loss, so train, distill and
+compare share this one module and the one loop in trainer.py.
+
+The teacher is held outside the module tree (not a submodule): it never appears in ``parameters()``,
+``state_dict()`` or the optimizer, and DDP never sees it. It runs in eval mode under ``torch.no_grad()``.
+Feature taps are forward hooks (models.FeatureTaps); no model is edited to distil it.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from c2vkd.losses import LOSSES, DistillLoss, LossContext, LossInputs
+from c2vkd.models import FeatureTaps, probe_shapes
+
+log = logging.getLogger("c2vkd")
+
+
+def loss_tap_names(loss_cfgs: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """Union (in order) of the student and teacher taps every configured loss reads."""
+    s_names: list[str] = []
+    t_names: list[str] = []
+    for entry in loss_cfgs:
+        cls = LOSSES.get(entry["name"])
+        args = {k: v for k, v in entry.items() if k != "name"}
+        s, t = cls.taps(args)
+        s_names += [n for n in s if n not in s_names]
+        t_names += [n for n in t if n not in t_names]
+    return s_names, t_names
+
+
+class Distiller(nn.Module):
+    def __init__(self, student: nn.Module, loss_cfgs: list[dict[str, Any]], *, num_classes: int,
+                 ignore_index: int, teacher: nn.Module | None = None,
+                 probe_hw: tuple[int, int] = (512, 512)) -> None:
+        super().__init__()
+        self.student = student
+        self.num_classes = num_classes
+        needs_teacher = [e["name"] for e in loss_cfgs if LOSSES.get(e["name"]).requires_teacher]
+        if needs_teacher and teacher is None:
+            raise ValueError(f"losses {needs_teacher} need a teacher, but teacher.name is not set in the config")
+        if teacher is not None and not needs_teacher:
+            log.warning("a teacher is configured but no loss uses it: it will not be run")
+            teacher = None
+        # plain attribute, not a submodule: never trained, never saved, never wrapped by DDP
+        self.__dict__["teacher"] = teacher
+        if teacher is not None:
+            teacher.eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+
+        s_names, t_names = loss_tap_names(loss_cfgs)
+        self.student_taps = FeatureTaps(student, s_names) if s_names else None
+        self.__dict__["teacher_taps"] = FeatureTaps(teacher, t_names) if (t_names and teacher is not None) else None
+        # Adapters are sized from a dummy forward at the training crop size, never from hard-coded channels.
+        s_shapes = probe_shapes(student, s_names, probe_hw) if s_names else {}
+        t_shapes = probe_shapes(teacher, t_names, probe_hw) if (t_names and teacher is not None) else {}
+        ctx = LossContext(num_classes=num_classes, ignore_index=ignore_index, student_shapes=s_shapes,
+                          teacher_shapes=t_shapes, input_size=probe_hw)
+        modules: list[DistillLoss] = []
+        for entry in loss_cfgs:
+            cls = LOSSES.get(entry["name"])
+            args = {k: v for k, v in entry.items() if k != "name"}
+            modules.append(cls(ctx, **args))
+        self.losses = nn.ModuleList(modules)
+        names = [t for m in modules for t in m.weights]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"loss terms {sorted(dup)} are configured twice; give each loss once")
+
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher stays in eval mode (frozen BN statistics) whatever we do
+        return self
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.losses.parameters() if p.requires_grad]
+
+    def forward(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Returns (weighted total loss, {term: raw value, term/w: weighted value}, student logits)."""
+        s_logits = self.student(images)
+        s_feats = self.student_taps.pop() if self.student_taps is not None else {}
+        t_logits = None
+        t_feats: dict[str, torch.Tensor] = {}
+        if self.teacher is not None:
+            with torch.no_grad():
+                t_logits = self.teacher(images)
+                if self.teacher_taps is not None:
+                    t_feats = self.teacher_taps.pop()
+        inputs = LossInputs(student_logits=s_logits, target=target, teacher_logits=t_logits,
+                            student_feats=s_feats, teacher_feats=t_feats)
+        total = s_logits.new_zeros((), dtype=torch.float32)
+        terms: dict[str, torch.Tensor] = {}
+        for module in self.losses:
+            for name, raw in module(inputs).items():
+                w = module.weights[name]
+                raw = raw.float()
+                terms[name] = raw.detach()
+                terms[f"{name}/w"] = (raw * w).detach()
+                if w != 0:  # weight 0 is "compute and log only" (the released code's CE)
+                    total = total + w * raw
+        return total, terms, s_logits

@@ -1,0 +1,443 @@
+"""The one training loop behind `c2vkd train`, `c2vkd distill` and `c2vkd compare`.
+
+Flow per run:  config -> datasets/loaders -> student (+ frozen teacher) -> Distiller (losses, taps, heads)
+-> optimizer + warm-up/poly schedule -> iterations (AMP, accumulation, clipping, NaN policy) ->
+periodic validation + atomic checkpoints -> final evaluation (per-class IoU) -> student export.
+
+Exact resume: the training sampler is a pure function of (seed, epoch, position) and every augmentation
+is seeded per sample, so restoring the iteration counter restores the data stream; optimizer, scheduler,
+scaler and RNG states are in the checkpoint as well.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from c2vkd.config import dump_config
+from c2vkd.data import build_dataloader, build_dataset
+from c2vkd.engine.distiller import Distiller
+from c2vkd.engine.schedule import lr_factor
+from c2vkd.engine.weights import build_from_config, load_model_weights, save_student
+from c2vkd.inference import evaluate
+from c2vkd.metrics import format_table
+from c2vkd.utils import dist
+from c2vkd.utils.io import CheckpointError, atomic_save, safe_load, verify
+from c2vkd.utils.logging import setup_logging
+
+log = logging.getLogger("c2vkd")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def pick_device(spec: str) -> torch.device:
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist.local_rank())
+        return torch.device("cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={spec!r} but CUDA is not available on this machine")
+    return dev
+
+
+def autocast_ctx(device: torch.device, amp: str):
+    if amp == "off":
+        return nullcontext()
+    if amp not in ("bf16", "fp16"):
+        raise ValueError(f"train.amp must be off, bf16 or fp16, got {amp!r}")
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("train.amp=fp16 needs a CUDA device; use bf16 on CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_to_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_tuple(x: Any) -> Any:
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    final_metrics: dict[str, Any] | None = None
+    best_miou: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, cfg: dict[str, Any], *, run_dir: Path | None = None, resume: str | None = None) -> None:
+        self.cfg = cfg
+        exp, tr = cfg["experiment"], cfg["train"]
+        self.device = pick_device(tr["device"])
+        dist.init_from_env(self.device.type)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.main = self.rank == 0
+        self.run_dir = Path(run_dir) if run_dir else Path(exp["output_dir"]) / exp["name"]
+        setup_logging(self.run_dir if self.main else None, main_process=self.main)
+        if exp["deterministic"]:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        seed_everything(exp["seed"] + self.rank)
+        self.amp = tr["amp"]
+
+        d = cfg["data"]
+        self.train_set = build_dataset(d, "train", train=True)
+        self.num_classes = self.train_set.num_classes
+        self.class_names = list(self.train_set.classes)
+        self.ignore_index = self.train_set.ignore_index
+
+        self.student, self.teacher = build_from_config(cfg, self.num_classes, self.class_names, self.device)
+        crop = tuple(d["train_transform"]["crop_size"])
+        self.model = Distiller(self.student, cfg["losses"], num_classes=self.num_classes,
+                               ignore_index=self.ignore_index, teacher=self.teacher,
+                               probe_hw=crop).to(self.device)
+        self.optimizer = self._build_optimizer()
+        sch = cfg["schedule"]
+        self.total_iters = int(sch["iters"])
+        lr = cfg["optim"]["lr"]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, iters=self.total_iters, warmup_iters=sch["warmup_iters"],
+                                                warmup_ratio=sch["warmup_ratio"], power=sch["power"],
+                                                base_lr=lr, min_lr=sch["min_lr"]))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=(self.amp == "fp16"))
+        self.iteration = 0
+        self.best_miou = -1.0
+        self.history: list[dict[str, Any]] = []
+        self._stop_signal: int | None = None
+        if resume:
+            self._resume(resume)
+        self.ddp_model: nn.Module = self.model
+        if self.world > 1:
+            self.ddp_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    # ----------------------------------------------------------------------------------------- setup
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        o = self.cfg["optim"]
+        head_ids = {id(p) for p in self.model.head_parameters()}
+        decode = getattr(self.student, "decode_head_parameters", None)
+        if callable(decode):
+            head_ids |= {id(p) for p in decode()}
+        base, heads = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (heads if id(p) in head_ids else base).append(p)
+        groups = [{"params": base, "lr": o["lr"]}]
+        if heads:
+            groups.append({"params": heads, "lr": o["lr"] * o["head_lr_mult"]})
+        if o["name"] == "adamw":
+            return torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
+        if o["name"] == "sgd":
+            return torch.optim.SGD(groups, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
+        raise ValueError(f"optim.name must be adamw or sgd, got {o['name']!r}")
+
+    def _ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "format": "c2vkd-train-v1",
+            "meta": {"model": self.cfg["student"]["name"], "num_classes": self.num_classes,
+                     "kwargs": dict(self.cfg["student"]["kwargs"]), "classes": self.class_names,
+                     "config": dump_config(self.cfg)},
+            "iteration": self.iteration,
+            "best_miou": self.best_miou,
+            "student": self.student.state_dict(),
+            "loss_heads": self.model.losses.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+        }
+
+    def save_checkpoint(self, tag: str | None = None) -> Path | None:
+        if not self.main:
+            return None
+        name = tag or f"iter_{self.iteration:07d}"
+        path = atomic_save(self.checkpoint_state(), self._ckpt_dir() / f"{name}.pt")
+        if tag is None:
+            self._retain()
+        log.info("saved checkpoint %s", path)
+        return path
+
+    def _retain(self) -> None:
+        keep = int(self.cfg["train"]["keep_last"])
+        ckpts = sorted(self._ckpt_dir().glob("iter_*.pt"))
+        for old in ckpts[:-keep] if keep > 0 else []:
+            old.unlink(missing_ok=True)
+            old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+
+    def _resume(self, spec: str) -> None:
+        if spec == "auto":
+            candidates = sorted(self._ckpt_dir().glob("iter_*.pt"), reverse=True)
+            path = None
+            for c in candidates:
+                if verify(c):
+                    path = c
+                    break
+                log.warning("checkpoint %s fails its checksum (truncated or corrupt); trying the previous one", c)
+            if path is None:
+                log.info("--resume auto: no valid checkpoint in %s, starting from scratch", self._ckpt_dir())
+                return
+        else:
+            path = Path(spec)
+        state = safe_load(path)
+        if state.get("format") != "c2vkd-train-v1":
+            raise CheckpointError(f"{path} is not a c2vkd training checkpoint (no format tag); use it as "
+                                  "student.pretrained or teacher.checkpoint instead of --resume")
+        meta = state["meta"]
+        if meta["model"] != self.cfg["student"]["name"] or meta["num_classes"] != self.num_classes:
+            raise CheckpointError(f"{path} holds {meta['model']} with {meta['num_classes']} classes, but this run "
+                                  f"trains {self.cfg['student']['name']} with {self.num_classes} classes")
+        self.student.load_state_dict(state["student"])
+        self.model.losses.load_state_dict(state["loss_heads"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.iteration = int(state["iteration"])
+        self.best_miou = float(state["best_miou"])
+        log.info("resumed from %s at iteration %d", path, self.iteration)
+
+    # ---------------------------------------------------------------------------------------- loop
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        def handler(signum, frame):  # noqa: ARG001
+            self._stop_signal = signum
+        old = {}
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                old[s] = signal.signal(s, handler)
+            except ValueError:  # not in the main thread
+                pass
+        return old
+
+    def fit(self) -> RunResult:
+        cfg, tr, d = self.cfg, self.cfg["train"], self.cfg["data"]
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        accum = int(tr["accum_steps"])
+        batch = int(d["batch_size"])
+        if batch % self.world:
+            raise ValueError(f"data.batch_size={batch} is the total batch and must be divisible by the "
+                             f"world size {self.world}")
+        per_rank = batch // self.world
+        loader = build_dataloader(self.train_set, batch_size=per_rank, train=True, seed=cfg["experiment"]["seed"],
+                                  num_workers=d["num_workers"], rank=self.rank, world_size=self.world,
+                                  start_sample=self.iteration * per_rank * accum)
+        writer = self._writer()
+        jsonl = open(self.run_dir / "metrics.jsonl", "a") if self.main else None
+        old_handlers = self._install_signal_handlers()
+        progress = None
+        if self.main and tr["progress"]:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=self.total_iters, initial=self.iteration, desc="train", unit="it",
+                            dynamic_ncols=True)
+        data_iter = iter(loader)
+        val_every, ckpt_every = int(tr["val_interval"]), int(tr["ckpt_interval"])
+        self.model.train()
+        t_last, imgs_since = time.perf_counter(), 0
+        try:
+            while self.iteration < self.total_iters:
+                terms_acc: dict[str, float] = {}
+                skipped = False
+                self.optimizer.zero_grad(set_to_none=True)
+                for micro in range(accum):
+                    sample = next(data_iter)
+                    images = sample["image"].to(self.device, non_blocking=True)
+                    target = sample["label"].to(self.device, non_blocking=True)
+                    sync = nullcontext()
+                    if self.world > 1 and micro < accum - 1:
+                        sync = self.ddp_model.no_sync()  # type: ignore[operator]
+                    with sync:
+                        with autocast_ctx(self.device, self.amp):
+                            total, terms, _ = self.ddp_model(images, target)
+                        if not torch.isfinite(total):
+                            skipped = self._non_finite(terms, sample)
+                            break
+                        self.scaler.scale(total / accum).backward()
+                    for k, v in terms.items():
+                        terms_acc[k] = terms_acc.get(k, 0.0) + float(v) / accum
+                    imgs_since += images.shape[0] * self.world
+                grad_norm = None
+                if not skipped:
+                    self.scaler.unscale_(self.optimizer)
+                    params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                    clip = tr["grad_clip"]
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf")))
+                    if not math.isfinite(grad_norm) and self.amp != "fp16":
+                        skipped = self._non_finite({"grad_norm": torch.tensor(grad_norm)}, sample)
+                    if not skipped:
+                        self.scaler.step(self.optimizer)
+                        self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+                self.iteration += 1
+                if progress is not None:
+                    progress.update(1)
+                if self.iteration % int(tr["log_interval"]) == 0 or self.iteration == self.total_iters:
+                    now = time.perf_counter()
+                    rec = {"iter": self.iteration, "lr": self.optimizer.param_groups[0]["lr"],
+                           "loss": sum(v for k, v in terms_acc.items() if k.endswith("/w")),
+                           "img_per_s": imgs_since / max(now - t_last, 1e-9), "grad_norm": grad_norm,
+                           "skipped": skipped, **terms_acc}
+                    t_last, imgs_since = now, 0
+                    self._log(rec, writer, jsonl, progress)
+                if val_every and self.iteration % val_every == 0 and self.iteration < self.total_iters:
+                    self._validate(writer, jsonl)
+                if ckpt_every and self.iteration % ckpt_every == 0 and self.iteration < self.total_iters:
+                    self.save_checkpoint()
+                if self._stop_signal is not None:
+                    log.warning("received signal %d: saving a checkpoint at iteration %d and stopping",
+                                self._stop_signal, self.iteration)
+                    self.save_checkpoint()
+                    raise KeyboardInterrupt
+        finally:
+            if progress is not None:
+                progress.close()
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+        self.save_checkpoint()
+        val = self._validate(writer, jsonl)
+        result = RunResult(self.run_dir, best_miou=self.best_miou, history=self.history)
+        split = cfg["eval"]["final_split"]
+        if split:
+            m = self.evaluate_split(split)
+            result.final_metrics = {"split": split, **m.to_dict()}
+            if self.main:
+                (self.run_dir / f"eval_{split}.json").write_text(json.dumps(result.final_metrics, indent=1))
+                log.info("final evaluation on %s:\n%s", split, format_table(m, self.class_names))
+                if jsonl:
+                    jsonl.write(json.dumps({"iter": self.iteration, "eval_split": split, "miou": m.miou}) + "\n")
+        elif val is not None:
+            result.final_metrics = val
+        if self.main:
+            save_student(self.run_dir / "student.safetensors", self.student, self.cfg["student"]["name"],
+                         self.num_classes, self.cfg["student"]["kwargs"], self.class_names)
+        if jsonl:
+            jsonl.close()
+        if writer:
+            writer.close()
+        dist.barrier()
+        return result
+
+    def _non_finite(self, terms: dict[str, torch.Tensor], sample: dict[str, Any]) -> bool:
+        bad = {k: float(v) for k, v in terms.items() if not k.endswith("/w")}
+        offenders = [k for k, v in bad.items() if not math.isfinite(v)]
+        msg = (f"non-finite loss at iteration {self.iteration + 1}: offending term(s) {offenders or list(bad)}; "
+               f"all terms {bad}; images {list(sample.get('name', []))}")
+        if self.cfg["train"]["nan_policy"] == "skip":
+            log.warning("%s -> step skipped (train.nan_policy=skip)", msg)
+            return True
+        if self.main:
+            dump = self.run_dir / "nan_debug.json"
+            dump.write_text(json.dumps({"iteration": self.iteration + 1, "terms": {k: repr(v) for k, v in bad.items()},
+                                        "images": list(sample.get("name", []))}, indent=1))
+            msg += f"; debug dump {dump}"
+        raise NonFiniteLossError(msg + ". Lower optim.lr, enable train.grad_clip, use amp bf16 instead of fp16, "
+                                 "or set train.nan_policy=skip")
+
+    def _writer(self):
+        if not self.main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is a dependency, but keep training if it is broken
+            log.warning("tensorboard is not importable; only metrics.jsonl is written")
+            return None
+        return SummaryWriter(str(self.run_dir / "tb"))
+
+    def _log(self, rec: dict[str, Any], writer, jsonl, progress) -> None:
+        self.history.append(rec)
+        if not self.main:
+            return
+        if jsonl:
+            jsonl.write(json.dumps(rec) + "\n")
+            jsonl.flush()
+        if writer:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None and k != "iter":
+                    tag = f"loss/{k}" if k not in ("lr", "img_per_s", "grad_norm", "loss") else f"train/{k}"
+                    writer.add_scalar(tag, v, rec["iter"])
+            if torch.cuda.is_available() and self.device.type == "cuda":
+                writer.add_scalar("train/max_mem_gb", torch.cuda.max_memory_allocated(self.device) / 2**30, rec["iter"])
+        if progress is not None:
+            progress.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{rec['img_per_s']:.1f}")
+
+    def evaluate_split(self, split: str):
+        e, d = self.cfg["eval"], self.cfg["data"]
+        dataset = build_dataset(d, split, train=False)
+        loader = build_dataloader(dataset, batch_size=d["eval_batch_size"], train=False,
+                                  num_workers=d["num_workers"], rank=self.rank, world_size=self.world)
+        return evaluate(self.student, loader, num_classes=self.num_classes, device=self.device, mode=e["mode"],
+                        window=_hw(e["window"]), stride=_hw(e["stride"]), scales=e["scales"], flip=e["flip"],
+                        amp=self.amp, progress=self.main and self.cfg["train"]["progress"],
+                        max_batches=self.cfg["train"]["max_val_batches"])
+
+    def _validate(self, writer, jsonl) -> dict[str, Any] | None:
+        split = self.cfg["eval"]["split"]
+        if not split:
+            return None
+        m = self.evaluate_split(split)
+        self.model.train()
+        rec = {"iter": self.iteration, "val_split": split, "miou": m.miou, "acc": m.acc, "macc": m.macc}
+        self.history.append(rec)
+        if self.main:
+            log.info("iteration %d: %s mIoU %.2f  aAcc %.2f", self.iteration, split, 100 * m.miou, 100 * m.acc)
+            if writer:
+                writer.add_scalar(f"val/{split}_miou", m.miou, self.iteration)
+            if jsonl:
+                jsonl.write(json.dumps(rec) + "\n")
+            if m.miou > self.best_miou:
+                self.best_miou = m.miou
+                save_student(self.run_dir / "best_student.safetensors", self.student, self.cfg["student"]["name"],
+                             self.num_classes, self.cfg["student"]["kwargs"], self.class_names)
+        return rec
+
+
+def _hw(v: Any) -> tuple[int, int] | None:
+    if v is None:
+        return None
+    if isinstance(v, int):
+        return (v, v)
+    return (int(v[0]), int(v[1]))

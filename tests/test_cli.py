@@ -1,0 +1,68 @@
+"""The `c2vkd` command: parsing, error reporting, data check, taps, config, eval."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import _toy  # noqa: F401
+from c2vkd.cli import main
+from c2vkd.data.synthetic import write_folder
+
+
+def test_config_command_prints_resolved(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "demo.yaml", "--set", "optim.lr=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.5" in out and "name: segformer_b0" in out
+
+
+def test_unknown_key_is_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "demo.yaml", "--set", "optim.lrr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "error" in err and "Did you mean: lr" in err and "Traceback" not in err
+
+
+def test_train_refuses_distill_config(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "demo.yaml", "--set", "losses=[{name: kd}]"]) == 2
+    assert "c2vkd distill" in capsys.readouterr().err
+    assert main(["distill", "demo.yaml"]) == 2
+    assert "needs at least one distillation loss" in capsys.readouterr().err
+
+
+def test_data_check_reports_problems(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = write_folder(tmp_path / "ds", {"train": 3}, size_hw=(16, 20))
+    assert main(["data", "check", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "train" in out and "a" in out
+    (root / "labels/train/train_001.png").unlink()
+    assert main(["data", "check", str(root)]) == 1
+    assert "train_001" in capsys.readouterr().out
+
+
+def test_taps_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["taps", "toy_cnn", "--input", "64x64", "--num-classes", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "layer2" in out and "16" in out  # 64 / stride 4 = 16
+    assert main(["taps", "toy_cnx"]) == 2
+    assert "toy_cnn" in capsys.readouterr().err
+
+
+def test_eval_command_on_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from c2vkd.engine.weights import save_student
+
+    root = write_folder(tmp_path / "ds", {"train": 2, "test": 2}, size_hw=(16, 24))
+    save_student(tmp_path / "m.safetensors", _toy.ToyViT(3), "toy_vit", 3, {}, ["a", "b", "c"])
+    rc = main(["eval", "demo.yaml", "--checkpoint", str(tmp_path / "m.safetensors"), "--set", f"data.root={root}",
+               "--set", "data.format=folder", "--set", "train.progress=false", "--set", "data.num_workers=0",
+               "--split", "test", "--out", str(tmp_path / "m.json")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "mIoU" in out and "toy_vit" in out
+    assert '"miou"' in (tmp_path / "m.json").read_text()
+
+
+def test_module_entry_point_help() -> None:
+    r = subprocess.run([sys.executable, "-m", "c2vkd", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "distill" in r.stdout and "eval" in r.stdout
