@@ -1,10 +1,18 @@
-"""Tiny registered models for fast engine tests (a CNN 'teacher' and a patch 'student')."""
+"""Tiny registered models for fast engine tests (a CNN 'teacher' and a patch 'student').
+
+Also a plugin for subprocess tests: ``--set experiment.imports=[_toy]`` with ``tests/`` on PYTHONPATH
+registers these models and the ``toy_sleep`` loss in the child process.
+"""
 from __future__ import annotations
+
+import os
+import time
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from c2vkd.losses.base import LOSSES, DistillLoss, LossInputs
 from c2vkd.models import MODELS
 from c2vkd.models.base import SegmentationModel
 
@@ -28,10 +36,10 @@ class ToyViT(SegmentationModel):
     family = "vit"
     default_taps = {"feat": "stage"}
 
-    def __init__(self, num_classes: int, dim: int = 12) -> None:
+    def __init__(self, num_classes: int, dim: int = 12, drop: float = 0.1) -> None:
         super().__init__(num_classes, output_stride=8)
         self.patch = nn.Conv2d(3, dim, 8, 8)
-        self.mix = nn.Sequential(nn.GroupNorm(1, dim), nn.Conv2d(dim, dim, 1), nn.GELU(), nn.Dropout(0.1))
+        self.mix = nn.Sequential(nn.GroupNorm(1, dim), nn.Conv2d(dim, dim, 1), nn.GELU(), nn.Dropout(drop))
         self.stage = nn.Identity()
         self.head = nn.Conv2d(dim, num_classes, 1)
 
@@ -40,6 +48,27 @@ class ToyViT(SegmentationModel):
         return F.interpolate(self.head(f), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
+class ToySleep(DistillLoss):
+    """A zero term that sleeps ``$C2VKD_TOY_SLEEP`` seconds per call from call ``$C2VKD_TOY_SLEEP_FROM``
+    (1-based, default 1) of this process on: makes a subprocess run pause at a known step, so that a test can
+    signal it there, without changing its numbers (the config stays identical to the fast runs)."""
+
+    requires_teacher = False
+    registry_name = "toy_sleep"
+
+    def __init__(self, ctx, weight: float = 1.0) -> None:
+        super().__init__(ctx, weight)
+        self.calls = 0
+
+    def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        if self.calls >= int(os.environ.get("C2VKD_TOY_SLEEP_FROM", "1")):
+            time.sleep(float(os.environ.get("C2VKD_TOY_SLEEP", "0")))
+        return {"toy_sleep": inputs.student_logits.detach().sum() * 0}
+
+
 for _name, _cls in (("toy_cnn", ToyCNN), ("toy_vit", ToyViT)):
     if _name not in MODELS:
         MODELS.add(_name, _cls)
+if "toy_sleep" not in LOSSES:
+    LOSSES.add("toy_sleep", ToySleep)

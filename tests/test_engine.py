@@ -169,3 +169,46 @@ def test_nan_policy_skip_keeps_weights(data_root: Path, tmp_path: Path) -> None:
         assert torch.equal(v, before[k]), k
     rows = [json.loads(x) for x in (tmp_path / "s/metrics.jsonl").read_text().splitlines()]
     assert rows[0]["skipped"] is True
+
+
+def test_out_of_memory_names_the_knobs(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from c2vkd.cli import main
+    from c2vkd.engine.trainer import TrainingOutOfMemoryError
+
+    def boom(self, x):  # what the CUDA caching allocator raises
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 8 GiB total)")
+
+    monkeypatch.setattr(_toy.ToyViT, "forward", boom)  # supervised ce: no dummy forward at construction
+    with pytest.raises(TrainingOutOfMemoryError) as info:
+        Trainer(make_cfg(data_root, tmp_path, "train.accum_steps=2"), run_dir=tmp_path / "o").fit()
+    msg = str(info.value)
+    assert isinstance(info.value, torch.OutOfMemoryError)  # callers catching OOM still catch it
+    assert "training step 1" in msg and "Tried to allocate 2.00 GiB" in msg
+    for knob in ("data.batch_size (now 2 in total, 2 per process)", "train.accum_steps (now 2)",
+                 "data.train_transform.crop_size (now [32, 32])", "train.amp=bf16"):
+        assert knob in msg, knob
+    # the CLI prints it as one line, without a traceback
+    (tmp_path / "c.yaml").write_text("{}\n")
+    overrides = ["data.root=" + str(data_root), "data.train_transform.crop_size=[32,32]", "data.batch_size=2",
+                 "data.num_workers=0", "student.name=toy_vit", "train.progress=false", "train.device=cpu"]
+    assert main(["train", str(tmp_path / "c.yaml"), "--run-dir", str(tmp_path / "cli"),
+                 *(a for o in overrides for a in ("--set", o))]) == 2
+    err = capsys.readouterr().err
+    assert "c2vkd train: error: out of memory in training step 1" in err and "train.amp=bf16" in err
+    assert "Traceback" not in err
+
+
+def test_experiment_imports_register_user_modules(tmp_path: Path) -> None:
+    from c2vkd.config import ConfigError
+    from c2vkd.models import MODELS
+
+    plugin = tmp_path / "my_models.py"
+    plugin.write_text("import _toy\nfrom c2vkd.models import MODELS\n"
+                      "if 'my_toy' not in MODELS:\n    MODELS.add('my_toy', _toy.ToyViT)\n")
+    cfg = load_config(None, [f"experiment.imports=[{plugin}]", "student.name=my_toy"])
+    assert cfg["experiment"]["imports"] == [str(plugin)] and "my_toy" in MODELS
+    with pytest.raises(ConfigError, match=r"cannot import 'no_such_module_xyz'.*PYTHONPATH"):
+        load_config(None, ["experiment.imports=[no_such_module_xyz]"])
+    with pytest.raises(ConfigError, match="must be a list"):
+        load_config(None, ["experiment.imports=_toy"])

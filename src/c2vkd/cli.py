@@ -1,4 +1,5 @@
-"""The `c2vkd` command: train / distill / eval / demo / data check / taps / config.
+"""The `c2vkd` command: train / distill / eval / demo / data check / taps / config / plot / predict /
+export / info / cache-teacher.
 
 Every command that takes a CONFIG accepts `--set key=value` (repeatable) overrides, validated like the file.
 """
@@ -40,6 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="split to evaluate (default: eval.final_split, else eval.split)")
     p.add_argument("--out", default=None, help="write the metrics as JSON here")
 
+    p = sub.add_parser("compare", help="train several KD methods x seeds under one schedule; tabulate gains")
+    _add_config_args(p)
+    p.add_argument("--methods", required=True,
+                   help="comma-separated method presets (configs/methods/*.yaml names or YAML paths), e.g. "
+                        "none,kd,dkd,cwd,cirkd,c2vkd; 'none' is the student-without-KD reference")
+    p.add_argument("--seeds", default="1", help="a count (experiment.seed, +1, ...) or a list such as 0,1,2")
+    p.add_argument("--out", default=None, help="output folder (default: OUTPUT_DIR/compare-NAME); rerun to resume")
+    p.add_argument("--no-teacher-eval", action="store_true", help="do not evaluate the teacher checkpoint")
+
     p = sub.add_parser("demo", help="the embedded default: a short run on the bundled CamVid sample")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--run-dir", default="runs/demo")
@@ -57,6 +67,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--input", default="512x512", help="HxW of the dummy input")
     p.add_argument("--num-classes", type=int, default=19)
+
+    p = sub.add_parser("plot", help="PNG curves of a run: loss terms, lr, val mIoU, per-class IoU")
+    p.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/plots)")
+
+    p = sub.add_parser("predict", help="colour predictions (and overlays) of a checkpoint on images")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True, help="student export (.safetensors) or training checkpoint (.pt)")
+    p.add_argument("--input", required=True, help="an image or a folder of images")
+    p.add_argument("--out", required=True, help="output folder for the PNGs")
+    p.add_argument("--teacher", action="store_true", help="also predict with teacher.checkpoint, side by side")
+    p.add_argument("--alpha", type=float, default=0.5, help="colour weight of the overlays (0..1)")
+
+    p = sub.add_parser("export", help="student-only export of a run (safetensors / TorchScript / ONNX), verified")
+    p.add_argument("run_dir", help="a run directory (holds config.yaml and checkpoints/)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint to export (default: the latest valid one)")
+    p.add_argument("--format", default="safetensors",
+                   help="comma-separated: safetensors, torchscript, onnx (default: safetensors)")
+    p.add_argument("--input", default="512x512", help="HxW the TorchScript/ONNX graphs are traced and checked at")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export)")
+    p.add_argument("--atol", type=float, default=1e-4, help="max |logit difference| accepted when verifying")
+
+    p = sub.add_parser("info", help="parameters, GFLOPs and latency of a model at an input size")
+    p.add_argument("model")
+    p.add_argument("--input", default="512x512", help="HxW of the dummy input")
+    p.add_argument("--num-classes", type=int, default=19)
+    p.add_argument("--runs", type=int, default=10, help="timed forward passes (after warm-up)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed forward passes first")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+
+    p = sub.add_parser("cache-teacher", help="precompute the frozen teacher's outputs on every augmentation-pool "
+                                             "view (needs data.augment_pool >= 1; train with teacher.cache=OUT)")
+    p.add_argument("config", help="the distillation config (same --set overrides as the training run)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", default=None, help="cache folder (default: teacher.cache)")
+    p.add_argument("--topk", type=int, default=5,
+                   help="logits kept per pixel; the rest become one log-sum-exp (softmax mass kept); 0 = all classes")
+    p.add_argument("--downsample", type=int, default=4,
+                   help="store logits at 1/N of the crop (bilinear); 1 = full size")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage of logits and taps")
+    p.add_argument("--taps", default="auto",
+                   help="teacher feature taps to store: auto (those the config's losses read), none, or names a,b")
+    p.add_argument("--shard-size", type=int, default=256, help="views per shard file")
+    p.add_argument("--batch-size", type=int, default=None, help="teacher batch size (default: data.batch_size)")
 
     p = sub.add_parser("config", help="print the fully resolved config")
     _add_config_args(p)
@@ -84,53 +139,54 @@ def cmd_train(args: argparse.Namespace, *, distill: bool) -> int:
         raise ConfigError(f"{args.config}: the config has distillation losses; run it with `c2vkd distill`")
     trainer = Trainer(cfg, run_dir=Path(args.run_dir) if args.run_dir else None, resume=args.resume)
     result = trainer.fit()
-    if result.final_metrics is not None:
+    if result.final_metrics is not None and trainer.main:  # one line, not one per torchrun worker
         print(json.dumps({"run_dir": str(result.run_dir), "miou": result.final_metrics.get("miou")}))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from c2vkd.data import build_dataloader, build_dataset
-    from c2vkd.engine.trainer import _hw as hw
-    from c2vkd.engine.trainer import pick_device
-    from c2vkd.engine.weights import build_for_eval
-    from c2vkd.inference import evaluate
+    from c2vkd.engine.evaluation import evaluate_checkpoint
     from c2vkd.metrics import format_table
     from c2vkd.utils.logging import setup_logging
 
     setup_logging()
     cfg = load_config(args.config, args.overrides)
     split = args.split or cfg["eval"]["final_split"] or cfg["eval"]["split"]
-    d, e = cfg["data"], cfg["eval"]
-    dataset = build_dataset(d, split, train=False)
-    device = pick_device(cfg["train"]["device"])
-    model, name = build_for_eval(args.checkpoint, cfg, dataset.num_classes, device)
-    loader = build_dataloader(dataset, batch_size=d["eval_batch_size"], train=False, num_workers=d["num_workers"])
-    with torch.inference_mode():
-        m = evaluate(model, loader, num_classes=dataset.num_classes, device=device, mode=e["mode"],
-                     window=hw(e["window"]), stride=hw(e["stride"]), scales=e["scales"], flip=e["flip"],
-                     amp=cfg["train"]["amp"], progress=cfg["train"]["progress"])
-    print(f"{name} on {split} ({len(dataset)} images, mode {e['mode']}):")
-    print(format_table(m, list(dataset.classes)))
+    m, classes, name, _ = evaluate_checkpoint(args.checkpoint, cfg, split)
+    print(f"{name} on {split} (mode {cfg['eval']['mode']}):")
+    print(format_table(m, classes))
     if args.out:
         Path(args.out).write_text(json.dumps({"split": split, **m.to_dict()}, indent=1))
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from c2vkd.engine.trainer import Trainer
-    from c2vkd.data import sample_root
+def cmd_compare(args: argparse.Namespace) -> int:
+    import shlex
 
-    overrides = [f"data.root={sample_root()}", *args.overrides]
-    cfg = load_config("demo.yaml", overrides)
-    trainer = Trainer(cfg, run_dir=Path(args.run_dir))
-    result = trainer.fit()
-    m = result.final_metrics or {}
-    print(f"\ndemo finished: {cfg['student']['name']} test mIoU {100 * (m.get('miou') or 0):.2f} "
-          f"(tiny sample, short schedule)\ncheckpoint: {result.run_dir / 'student.safetensors'}\n"
-          f"logs: {result.run_dir / 'metrics.jsonl'}, tensorboard --logdir {result.run_dir / 'tb'}")
+    from c2vkd.compare import run_compare
+    from c2vkd.utils.logging import setup_logging
+
+    setup_logging()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    command = "c2vkd " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["compare"] else None
+    summary = run_compare(args.config, methods, args.seeds, overrides=args.overrides, out_dir=args.out or args.run_dir,
+                          command=command, eval_teacher=not args.no_teacher_eval)
+    print(summary["markdown"])
+    print(f"written: {summary['out_dir']}/compare.md, compare.json, " + ", ".join(Path(p).name for p in summary["plots"]))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from c2vkd.demo import run_demo
+    from c2vkd.utils.logging import setup_logging
+
+    setup_logging()
+    out = run_demo(args.run_dir, args.overrides)
+    print("\nC2VKD demo on the bundled CamVid sample (tiny data, short CPU schedule: numbers are illustrative)")
+    print(out["table"])
+    print(f"\nrun folder: {args.run_dir} (teacher/, students/none, students/c2vkd; demo.md, students/compare.md)\n"
+          f"student checkpoint: {args.run_dir}/students/c2vkd/seed0/student.safetensors; "
+          f"TensorBoard: tensorboard --logdir {args.run_dir}")
     return 0
 
 
@@ -152,6 +208,65 @@ def cmd_taps(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from c2vkd.plots import plot_run
+    from c2vkd.utils.logging import setup_logging
+
+    setup_logging()
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from c2vkd.predict import predict_images
+    from c2vkd.utils.logging import setup_logging
+
+    setup_logging()
+    cfg = load_config(args.config, args.overrides)
+    written = predict_images(cfg, args.checkpoint, args.input, args.out, teacher=args.teacher, alpha=args.alpha)
+    print(f"wrote {len(written)} files to {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from c2vkd.export import export_run, format_manifest
+    from c2vkd.utils.logging import setup_logging
+
+    setup_logging()
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    manifest = export_run(args.run_dir, checkpoint=args.checkpoint, formats=formats, input_hw=_hw(args.input),
+                          out_dir=args.out, atol=args.atol)
+    print(format_manifest(manifest))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from c2vkd.models.report import format_info, model_info
+
+    info = model_info(args.model, num_classes=args.num_classes, input_hw=_hw(args.input), runs=args.runs,
+                      warmup=args.warmup, batch=args.batch, device=args.device)
+    print(format_info(info))
+    return 0
+
+
+def cmd_cache_teacher(args: argparse.Namespace) -> int:
+    from c2vkd.engine.teacher_cache import build_teacher_cache
+    from c2vkd.utils.logging import setup_logging
+
+    setup_logging()
+    cfg = load_config(args.config, args.overrides)
+    index = build_teacher_cache(cfg, args.out, topk=args.topk, downsample=args.downsample, dtype=args.dtype,
+                                taps=args.taps, shard_size=args.shard_size, batch_size=args.batch_size)
+    out = args.out or cfg["teacher"]["cache"]
+    print(f"teacher cache {out}: {index['views']} views ({index['num_images']} images x pool {index['pool']}), "
+          f"top-{index['topk']} of {index['num_classes']} logits at {index['logits_hw'][0]}x{index['logits_hw'][1]}, "
+          f"taps {sorted(index['taps']) or 'none'}, {index['dtype']}, {index['bytes'] / 2**20:.1f} MiB "
+          f"({index['bytes_per_view'] / 2**10:.1f} KiB/view)")
+    print(f"use it: c2vkd distill {args.config} --set teacher.cache={out} (with the same --set overrides)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -161,10 +276,22 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(args)
         if args.command == "demo":
             return cmd_demo(args)
+        if args.command == "compare":
+            return cmd_compare(args)
         if args.command == "data":
             return cmd_data(args)
         if args.command == "taps":
             return cmd_taps(args)
+        if args.command == "plot":
+            return cmd_plot(args)
+        if args.command == "predict":
+            return cmd_predict(args)
+        if args.command == "export":
+            return cmd_export(args)
+        if args.command == "info":
+            return cmd_info(args)
+        if args.command == "cache-teacher":
+            return cmd_cache_teacher(args)
         if args.command == "config":
             print(dump_config(load_config(args.config, args.overrides)), end="")
             return 0
@@ -177,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"c2vkd {args.command}: error: {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        # a Trainer stopped by SIGTERM/SIGINT says where its checkpoint is; exit 128 + signal, as shells do
+        print(f"c2vkd {args.command}: {e}" if str(e) else "interrupted", file=sys.stderr)
+        return 128 + int(getattr(e, "signum", 2))
     return 0

@@ -32,6 +32,11 @@ DEFAULTS: dict[str, Any] = {
         "output_dir": "runs",
         "seed": 0,
         "deterministic": False,   # torch.use_deterministic_algorithms (slower; needed for bitwise resume on GPU)
+        # Python modules imported before anything is built, so your own registered models / losses / dataset
+        # formats (@MODELS.register, @LOSSES.register, DATASETS) can be named in this config: dotted module
+        # names importable from PYTHONPATH (e.g. [my_project.models]) or paths to .py files (relative to
+        # the working directory). Imported in every process (torchrun workers included).
+        "imports": [],
     },
     "data": {
         "format": "folder",       # folder | camvid | camvid_segnet | cityscapes | ade20k | voc
@@ -52,6 +57,13 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 8,
         "eval_batch_size": 1,
         "num_workers": 2,
+        # Augmentation pool: 0 = fresh random augmentation every epoch. K > 0 = each training image only ever
+        # gets one of K fixed augmented views (every view once per K epochs, in a seeded order), so the run sees
+        # exactly N*K distinct samples and `c2vkd cache-teacher` can precompute the teacher on all of them.
+        # 1 = one fixed view per image (what "no augmentation" means for a cacheable teacher).
+        "augment_pool": 0,
+        "augment_pool_seed": None,  # seed of the pool's views; null -> experiment.seed (an int lets several
+                                    # experiment seeds share one pool, hence one teacher cache)
     },
     "student": {"name": "segformer_b0", "pretrained": None, "kwargs": {}},
     "teacher": {
@@ -59,6 +71,10 @@ DEFAULTS: dict[str, Any] = {
         "checkpoint": None,       # trained teacher weights (c2vkd run checkpoint, export, or a supported format)
         "kwargs": {},
         "channels_last": False,
+        # Folder written by `c2vkd cache-teacher`: when set, distillation reads the teacher's logits (and the
+        # feature taps the losses need) from it instead of running the teacher. Needs data.augment_pool >= 1;
+        # a cache made with another teacher / data / transform / pool is refused, a missing view is an error.
+        "cache": None,
     },
     # Each entry: {name: <registered loss>, weight: float, ...loss args}. Supervised training = [ce].
     "losses": [{"name": "ce", "weight": 1.0}],
@@ -265,9 +281,54 @@ def _type_ok(default: Any, value: Any) -> bool:
     return isinstance(value, type(default))
 
 
+def import_plugins(modules: Any, source: str = "config") -> list[Any]:
+    """Import the ``experiment.imports`` modules (dotted names or ``.py`` paths); errors are ConfigErrors.
+
+    Importing is idempotent (Python caches modules), so calling this for every file and override is cheap."""
+    import hashlib
+    import importlib
+    import importlib.util
+    import sys
+
+    if modules is None:
+        return []
+    if not isinstance(modules, (list, tuple)) or not all(isinstance(m, str) and m.strip() for m in modules):
+        raise ConfigError(f"{source}: experiment.imports must be a list of module names or .py paths, got {modules!r}")
+    loaded = []
+    for name in modules:
+        try:
+            if name.endswith(".py"):
+                path = Path(name).expanduser().resolve()
+                if not path.is_file():
+                    raise FileNotFoundError(f"no such file {path}")
+                mod_name = f"c2vkd_plugin_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+                if mod_name not in sys.modules:
+                    spec = importlib.util.spec_from_file_location(mod_name, path)
+                    assert spec is not None and spec.loader is not None
+                    module = importlib.util.module_from_spec(spec)
+                    sys.modules[mod_name] = module
+                    try:
+                        spec.loader.exec_module(module)
+                    except BaseException:
+                        del sys.modules[mod_name]
+                        raise
+                loaded.append(sys.modules[mod_name])
+            else:
+                loaded.append(importlib.import_module(name))
+        except Exception as e:
+            raise ConfigError(f"{source}: experiment.imports: cannot import {name!r}: {type(e).__name__}: {e} "
+                              "(module names must be importable from PYTHONPATH; .py paths are relative to the "
+                              "working directory)") from e
+    return loaded
+
+
 def validate(cfg: dict[str, Any], *, source: str = "config", partial: bool = False,
              schema: dict[str, Any] = DEFAULTS, prefix: str = "") -> None:
-    """Reject unknown keys (with a suggestion) and values whose type differs from the default's."""
+    """Reject unknown keys (with a suggestion) and values whose type differs from the default's.
+
+    At the top level, ``experiment.imports`` is imported first so that plugin losses validate."""
+    if prefix == "" and isinstance(cfg.get("experiment"), dict) and cfg["experiment"].get("imports"):
+        import_plugins(cfg["experiment"]["imports"], source)
     for key, value in cfg.items():
         full = f"{prefix}{key}"
         if prefix == "" and key == "_base_":
@@ -313,11 +374,17 @@ def _validate_losses(value: Any, source: str) -> None:
                                   f"{suggest(key, accepted)} Accepted: {', '.join(accepted)}")
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Load a YAML experiment (or only DEFAULTS when path is None), apply --set overrides, validate."""
+def load_config(path: str | Path | None, overrides: list[str] | None = None, *,
+                layers: list[str | Path] | None = None) -> dict[str, Any]:
+    """Load a YAML experiment (or only DEFAULTS when path is None), apply --set overrides, validate.
+
+    ``layers`` are further YAML files merged after the experiment and before the overrides (``c2vkd compare``
+    layers a method preset such as ``methods/kd.yaml`` on top of the experiment this way)."""
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
         cfg = merge(cfg, _load_with_bases(resolve_config_path(path)))
+    for layer in layers or []:
+        cfg = merge(cfg, _load_with_bases(resolve_config_path(layer)))
     if overrides:
         cfg = apply_overrides(cfg, overrides)
         validate(cfg, source="--set overrides")

@@ -18,7 +18,9 @@ from c2vkd.data.sampler import (
     TrainSampler,
     build_dataloader,
     epoch_permutation,
+    pool_choice,
     sample_seed,
+    view_seed,
 )
 from c2vkd.data.transforms import (
     IMAGENET_MEAN,
@@ -81,6 +83,7 @@ __all__ = [
     "hflip",
     "normalize",
     "pad_to",
+    "pool_choice",
     "random_crop",
     "random_hflip",
     "random_jitter",
@@ -93,4 +96,5 @@ __all__ = [
     "sample_seed",
     "seg_collate",
     "to_float",
+    "view_seed",
 ]

@@ -258,7 +258,8 @@ def seg_collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     Images are padded bottom/right with 0 (the normalised mean) and labels with 255 to the largest size
     in the batch. ``image_size`` / ``label_size`` (int64 [B, 2], H then W) give each sample's unpadded
     size so the engine can crop logits before upsampling them to the label size. When all samples have
-    the same size (training crops) this is exactly ``torch.stack``.
+    the same size (training crops) this is exactly ``torch.stack``. Any further keys (e.g. the cached teacher
+    outputs that ``engine.teacher_cache.CachedTeacherDataset`` adds) go through ``default_collate``.
     """
     images = [b["image"] for b in batch]
     labels = [b["label"] for b in batch]
@@ -270,6 +271,7 @@ def seg_collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
         "name": [b["name"] for b in batch],
         "image_size": image_size,
         "label_size": label_size,
+        **{k: default_collate([b[k] for b in batch]) for k in batch[0] if k not in ("image", "label", "name")},
     }
 
 

@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 from c2vkd.data.base import DatasetError, SegDataset, SplitIndex
 from c2vkd.data.formats import DATASETS
+from c2vkd.data.sampler import check_augment_pool
 from c2vkd.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform
 from c2vkd.registry import suggest
 
@@ -23,6 +24,8 @@ DEFAULT_DATA_CFG: dict[str, Any] = {
     "batch_size": 8,
     "eval_batch_size": 1,
     "num_workers": 2,
+    "augment_pool": 0,  # 0 = fresh augmentation every epoch; K > 0 = K fixed views per image (sampler.py)
+    "augment_pool_seed": None,  # null -> the sampler's seed (experiment.seed)
 }
 
 
@@ -50,6 +53,10 @@ def resolve_data_cfg(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
         cfg["splits"] = {}
     if not isinstance(cfg["splits"], Mapping):
         raise ValueError(f"data.splits must map logical split names to on-disk names, got {cfg['splits']!r}")
+    check_augment_pool(cfg["augment_pool"])
+    ps = cfg["augment_pool_seed"]
+    if ps is not None and (isinstance(ps, bool) or not isinstance(ps, int)):
+        raise ValueError(f"data.augment_pool_seed must be an integer or null, got {ps!r}")
     return cfg
 
 

@@ -26,6 +26,17 @@ needs to know the batch size, so the guarantee holds for any b.
 
 Resuming: ``start`` is the number of samples this rank has already consumed (``iterations * b``); the
 stream continues at global position ``start*W + r`` exactly where it stopped, mid-epoch included.
+
+Augmentation pool (``augment_pool = K > 0``, config ``data.augment_pool``)
+--------------------------------------------------------------------------
+By default (K = 0) every epoch draws fresh augmentations. With K > 0 image ``i`` only ever gets one of K fixed
+views, with seeds ``view_seed(pool_seed, i, j)`` for ``j`` in ``range(K)`` (``pool_seed`` = the sampler seed
+unless given): in epoch ``e`` it gets view ``pool_choice(seed, i, e, K)``, which shows every view exactly once
+in each block of K consecutive epochs, in a per-image, per-block pseudo-random order. The whole run then sees
+at most N*K distinct samples, which is what makes teacher outputs cacheable (``c2vkd cache-teacher``).
+K = 1 gives one fixed view per image (no augmentation across epochs). The order of the samples (the epoch
+permutations) is unchanged, and everything above (DDP, resume) still holds: the stream is still a pure
+function of ``(seed, epoch, position)``.
 """
 from __future__ import annotations
 
@@ -41,6 +52,8 @@ from c2vkd.data.base import seg_collate
 _M64 = (1 << 64) - 1
 _TAG_PERM = 0x5045524D  # "PERM": domain tags keep permutation and augmentation seeds independent
 _TAG_SAMPLE = 0x53414D50  # "SAMP"
+_TAG_VIEW = 0x56494557  # "VIEW": seeds of the augmentation pool's views
+_TAG_PICK = 0x5049434B  # "PICK": which pool view an image gets in an epoch
 
 
 def _splitmix64(x: int) -> int:
@@ -64,6 +77,34 @@ def sample_seed(seed: int, epoch: int, position: int) -> int:
     return mix_seed(seed, _TAG_SAMPLE, epoch, position)
 
 
+def view_seed(pool_seed: int, index: int, view: int) -> int:
+    """Augmentation seed of view ``view`` (0 <= view < K) of image ``index`` in an augmentation pool."""
+    return mix_seed(pool_seed, _TAG_VIEW, index, view)
+
+
+def pool_choice(seed: int, index: int, epoch: int, pool: int) -> int:
+    """Which of the ``pool`` views image ``index`` gets in epoch ``epoch``.
+
+    Epochs are grouped in blocks of ``pool``; within a block every view appears exactly once, in an order
+    given by a Fisher-Yates shuffle seeded by ``(seed, index, block)`` (splitmix64, so it is stable across
+    Python/torch versions)."""
+    if pool < 1:
+        raise ValueError(f"pool must be >= 1, got {pool}")
+    block, slot = divmod(epoch, pool)
+    order = list(range(pool))
+    for i in range(pool - 1, 0, -1):
+        k = mix_seed(seed, _TAG_PICK, index, block, i) % (i + 1)
+        order[i], order[k] = order[k], order[i]
+    return order[slot]
+
+
+def check_augment_pool(value: object, where: str = "data.augment_pool") -> int:
+    """Validate an augmentation pool size (an int >= 0) and return it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{where} must be an integer >= 0 (0 = fresh augmentation every epoch), got {value!r}")
+    return value
+
+
 def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
     """Order of the dataset in epoch ``epoch`` (identity when not shuffling)."""
     if not shuffle:
@@ -79,7 +120,9 @@ def _length(data: Sized | int) -> int:
 class TrainSampler(Sampler[tuple[int, int]]):
     """Infinite sampler yielding ``(index, sample_seed)`` for one rank (see the module docstring).
 
-    It has no ``len``: training is iteration-based, so a DataLoader over it is endless.
+    It has no ``len``: training is iteration-based, so a DataLoader over it is endless. ``augment_pool``
+    (K > 0) restricts each image to K fixed augmentation views seeded by ``pool_seed`` (default ``seed``);
+    see the module docstring.
     """
 
     def __init__(
@@ -91,6 +134,8 @@ class TrainSampler(Sampler[tuple[int, int]]):
         world_size: int = 1,
         start: int = 0,
         shuffle: bool = True,
+        augment_pool: int = 0,
+        pool_seed: int | None = None,
     ) -> None:
         self.n = _length(data)
         if self.n <= 0:
@@ -100,6 +145,14 @@ class TrainSampler(Sampler[tuple[int, int]]):
         if start < 0:
             raise ValueError(f"start must be >= 0, got {start}")
         self.seed, self.rank, self.world_size, self.start, self.shuffle = int(seed), rank, world_size, start, shuffle
+        self.augment_pool = check_augment_pool(augment_pool, "augment_pool")
+        self.pool_seed = self.seed if pool_seed is None else int(pool_seed)
+
+    def seed_at(self, index: int, epoch: int, position: int) -> int:
+        """Augmentation seed of dataset item ``index`` at ``position`` of epoch ``epoch``."""
+        if self.augment_pool == 0:
+            return sample_seed(self.seed, epoch, position)
+        return view_seed(self.pool_seed, index, pool_choice(self.seed, index, epoch, self.augment_pool))
 
     def global_position(self, k: int) -> int:
         """Global stream position of this rank's k-th sample (k counts from 0, not from ``start``)."""
@@ -114,7 +167,7 @@ class TrainSampler(Sampler[tuple[int, int]]):
         epoch, pos = self.locate(g)
         perm = epoch_permutation(self.n, self.seed, epoch, self.shuffle).tolist()
         while True:
-            yield perm[pos], sample_seed(self.seed, epoch, pos)
+            yield perm[pos], self.seed_at(perm[pos], epoch, pos)
             pos += self.world_size
             while pos >= self.n:  # world_size may exceed n on tiny datasets: skip whole epochs if needed
                 pos -= self.n
@@ -124,7 +177,7 @@ class TrainSampler(Sampler[tuple[int, int]]):
     def __repr__(self) -> str:
         return (
             f"TrainSampler(n={self.n}, seed={self.seed}, rank={self.rank}, world_size={self.world_size}, "
-            f"start={self.start}, shuffle={self.shuffle})"
+            f"start={self.start}, shuffle={self.shuffle}, augment_pool={self.augment_pool})"
         )
 
 
@@ -167,12 +220,15 @@ def build_dataloader(
     world_size: int = 1,
     start_sample: int = 0,
     drop_last: bool = True,
+    augment_pool: int = 0,
+    pool_seed: int | None = None,
 ) -> DataLoader:
     """DataLoader for one rank.
 
     * train: endless, over :class:`TrainSampler` (yields ``(index, sample_seed)`` keys); ``start_sample`` =
       samples this rank already consumed (iterations done * batch_size) for an exact resume. Batches are
-      always full (the stream never ends), so ``drop_last`` has no effect here.
+      always full (the stream never ends), so ``drop_last`` has no effect here. ``augment_pool`` /
+      ``pool_seed``: see :class:`TrainSampler`.
     * eval: finite, sequential, sharded by :class:`ShardedEvalSampler` when ``world_size > 1``. Evaluation
       never drops samples: ``drop_last`` is ignored.
 
@@ -187,7 +243,8 @@ def build_dataloader(
         raise ValueError(f"cannot build a DataLoader over an empty dataset ({dataset!r})")
     sampler: Sampler
     if train:
-        sampler = TrainSampler(len(dataset), seed=seed, rank=rank, world_size=world_size, start=start_sample)  # type: ignore[arg-type]
+        sampler = TrainSampler(len(dataset), seed=seed, rank=rank, world_size=world_size,  # type: ignore[arg-type]
+                               start=start_sample, augment_pool=augment_pool, pool_seed=pool_seed)
     else:
         sampler = ShardedEvalSampler(len(dataset), rank, world_size)  # type: ignore[arg-type]
     kwargs: dict = {}

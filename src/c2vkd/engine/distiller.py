@@ -6,6 +6,9 @@ compare share this one module and the one loop in trainer.py.
 The teacher is held outside the module tree (not a submodule): it never appears in ``parameters()``,
 ``state_dict()`` or the optimizer, and DDP never sees it. It runs in eval mode under ``torch.no_grad()``.
 Feature taps are forward hooks (models.FeatureTaps); no model is edited to distil it.
+
+With a teacher cache (``teacher.cache``, engine/teacher_cache.py) there is no teacher at all: the batch carries
+the cached outputs of its views, which ``forward`` decodes in place of a teacher forward.
 """
 from __future__ import annotations
 
@@ -37,16 +40,23 @@ def loss_tap_names(loss_cfgs: list[dict[str, Any]]) -> tuple[list[str], list[str
 class Distiller(nn.Module):
     def __init__(self, student: nn.Module, loss_cfgs: list[dict[str, Any]], *, num_classes: int,
                  ignore_index: int, teacher: nn.Module | None = None,
-                 probe_hw: tuple[int, int] = (512, 512)) -> None:
+                 probe_hw: tuple[int, int] = (512, 512), teacher_cache: Any = None) -> None:
         super().__init__()
         self.student = student
         self.num_classes = num_classes
         needs_teacher = [e["name"] for e in loss_cfgs if LOSSES.get(e["name"]).requires_teacher]
-        if needs_teacher and teacher is None:
+        if teacher is not None and teacher_cache is not None:
+            raise ValueError("give the Distiller a teacher or a teacher cache, not both")
+        if needs_teacher and teacher is None and teacher_cache is None:
             raise ValueError(f"losses {needs_teacher} need a teacher, but teacher.name is not set in the config")
         if teacher is not None and not needs_teacher:
             log.warning("a teacher is configured but no loss uses it: it will not be run")
             teacher = None
+        if teacher_cache is not None and not needs_teacher:
+            log.warning("teacher.cache is set but no loss uses a teacher: it will not be read")
+            teacher_cache = None
+        # TeacherCache (engine/teacher_cache.py) standing in for the teacher: decodes the batch's cached outputs
+        self.__dict__["teacher_cache"] = teacher_cache
         # plain attribute, not a submodule: never trained, never saved, never wrapped by DDP
         self.__dict__["teacher"] = teacher
         if teacher is not None:
@@ -57,9 +67,12 @@ class Distiller(nn.Module):
         s_names, t_names = loss_tap_names(loss_cfgs)
         self.student_taps = FeatureTaps(student, s_names) if s_names else None
         self.__dict__["teacher_taps"] = FeatureTaps(teacher, t_names) if (t_names and teacher is not None) else None
+        self.teacher_tap_names = t_names
         # Adapters are sized from a dummy forward at the training crop size, never from hard-coded channels.
         s_shapes = probe_shapes(student, s_names, probe_hw) if s_names else {}
         t_shapes = probe_shapes(teacher, t_names, probe_hw) if (t_names and teacher is not None) else {}
+        if teacher_cache is not None:
+            t_shapes = teacher_cache.tap_shapes(t_names, probe_hw)  # also checks the cache's crop size
         ctx = LossContext(num_classes=num_classes, ignore_index=ignore_index, student_shapes=s_shapes,
                           teacher_shapes=t_shapes, input_size=probe_hw)
         modules: list[DistillLoss] = []
@@ -82,8 +95,12 @@ class Distiller(nn.Module):
     def head_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.losses.parameters() if p.requires_grad]
 
-    def forward(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        """Returns (weighted total loss, {term: raw value, term/w: weighted value}, student logits)."""
+    def forward(self, images: torch.Tensor, target: torch.Tensor, cached_teacher: dict[str, torch.Tensor] | None = None,
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Returns (weighted total loss, {term: raw value, term/w: weighted value}, student logits).
+
+        ``cached_teacher``: the batch's compact cached teacher outputs (``batch["teacher"]``), required when
+        the Distiller was built with a teacher cache and ignored otherwise."""
         s_logits = self.student(images)
         s_feats = self.student_taps.pop() if self.student_taps is not None else {}
         t_logits = None
@@ -93,6 +110,13 @@ class Distiller(nn.Module):
                 t_logits = self.teacher(images)
                 if self.teacher_taps is not None:
                     t_feats = self.teacher_taps.pop()
+        elif self.teacher_cache is not None:
+            if cached_teacher is None:
+                raise RuntimeError("teacher.cache is set but the batch carries no cached teacher outputs "
+                                   "(the training dataset must be wrapped in CachedTeacherDataset)")
+            with torch.no_grad():
+                t_logits, t_feats = self.teacher_cache.decode(cached_teacher, images.shape[-2:],
+                                                              self.teacher_tap_names, dtype=s_logits.dtype)
         inputs = LossInputs(student_logits=s_logits, target=target, teacher_logits=t_logits,
                             student_feats=s_feats, teacher_feats=t_feats)
         total = s_logits.new_zeros((), dtype=torch.float32)

@@ -31,6 +31,7 @@ from c2vkd.engine.distiller import Distiller
 from c2vkd.engine.schedule import lr_factor
 from c2vkd.engine.weights import build_from_config, load_model_weights, save_student
 from c2vkd.inference import evaluate
+from c2vkd.losses import LOSSES
 from c2vkd.metrics import format_table
 from c2vkd.utils import dist
 from c2vkd.utils.io import CheckpointError, atomic_save, safe_load, verify
@@ -41,6 +42,23 @@ log = logging.getLogger("c2vkd")
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class TrainingOutOfMemoryError(torch.OutOfMemoryError):
+    """Out of (GPU) memory in a training step; the message lists the config knobs that reduce memory."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGTERM / SIGINT stopped training after a checkpoint was written; ``--resume auto`` continues."""
+
+    def __init__(self, signum: int, iteration: int, checkpoint: Path | None) -> None:
+        self.signum, self.iteration, self.checkpoint = signum, iteration, checkpoint
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        where = f"checkpoint saved to {checkpoint}; " if checkpoint else ""
+        super().__init__(f"stopped by {name} at iteration {iteration}: {where}continue with --resume auto")
 
 
 def pick_device(spec: str) -> torch.device:
@@ -116,7 +134,9 @@ class Trainer:
         setup_logging(self.run_dir if self.main else None, main_process=self.main)
         if exp["deterministic"]:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        seed_everything(exp["seed"] + self.rank)
+        # Same seed on every rank while building, so a randomly initialised teacher (smoke tests) and every
+        # module are identical across ranks; per-rank streams (dropout, drop-path) start after building.
+        seed_everything(exp["seed"])
         self.amp = tr["amp"]
 
         d = cfg["data"]
@@ -126,10 +146,18 @@ class Trainer:
         self.ignore_index = self.train_set.ignore_index
 
         self.student, self.teacher = build_from_config(cfg, self.num_classes, self.class_names, self.device)
+        self.teacher_cache = None
+        if cfg["teacher"]["cache"] and self.teacher is not None and any(
+                LOSSES.get(e["name"]).requires_teacher for e in cfg["losses"]):
+            from c2vkd.engine.teacher_cache import open_for_config
+
+            # the teacher is built (same RNG stream as a live run) only to fingerprint its weights, never run
+            self.teacher_cache = open_for_config(cfg["teacher"]["cache"], cfg, self.train_set, self.teacher)
+            self.teacher = None
         crop = tuple(d["train_transform"]["crop_size"])
         self.model = Distiller(self.student, cfg["losses"], num_classes=self.num_classes,
                                ignore_index=self.ignore_index, teacher=self.teacher,
-                               probe_hw=crop).to(self.device)
+                               probe_hw=crop, teacher_cache=self.teacher_cache).to(self.device)
         self.optimizer = self._build_optimizer()
         sch = cfg["schedule"]
         self.total_iters = int(sch["iters"])
@@ -139,6 +167,8 @@ class Trainer:
                                                 warmup_ratio=sch["warmup_ratio"], power=sch["power"],
                                                 base_lr=lr, min_lr=sch["min_lr"]))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=(self.amp == "fp16"))
+        if self.rank:  # rank 0 keeps the single-process stream
+            seed_everything(exp["seed"] + self.rank)
         self.iteration = 0
         self.best_miou = -1.0
         self.history: list[dict[str, Any]] = []
@@ -147,8 +177,12 @@ class Trainer:
             self._resume(resume)
         self.ddp_model: nn.Module = self.model
         if self.world > 1:
+            # a weight-0 term ("compute and log only") leaves its alignment head out of the graph
+            zero_w = any(w == 0 for m in self.model.losses for w in m.weights.values())
+            unused = zero_w and any(p.requires_grad for p in self.model.losses.parameters())
             self.ddp_model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=unused)
 
     # ----------------------------------------------------------------------------------------- setup
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -190,10 +224,16 @@ class Trainer:
         }
 
     def save_checkpoint(self, tag: str | None = None) -> Path | None:
+        """Write a training checkpoint (rank 0). Under DDP every rank must call it (the RNG states of all
+        ranks are gathered so that a resumed run continues every rank's dropout stream exactly)."""
+        rank_rngs = dist.all_gather_object(rng_state()) if self.world > 1 else None
         if not self.main:
             return None
         name = tag or f"iter_{self.iteration:07d}"
-        path = atomic_save(self.checkpoint_state(), self._ckpt_dir() / f"{name}.pt")
+        state = self.checkpoint_state()
+        if rank_rngs is not None:
+            state["rng_ranks"] = rank_rngs
+        path = atomic_save(state, self._ckpt_dir() / f"{name}.pt")
         if tag is None:
             self._retain()
         log.info("saved checkpoint %s", path)
@@ -233,7 +273,13 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        rank_rngs = state.get("rng_ranks")
+        if rank_rngs is not None and len(rank_rngs) == self.world:
+            set_rng_state(rank_rngs[self.rank])
+        else:
+            set_rng_state(state["rng"])
+            if self.rank:  # saved with another world size: distinct, deterministic per-rank streams
+                torch.manual_seed(self.cfg["experiment"]["seed"] + self.rank + 1000003 * int(state["iteration"]))
         self.iteration = int(state["iteration"])
         self.best_miou = float(state["best_miou"])
         log.info("resumed from %s at iteration %d", path, self.iteration)
@@ -261,9 +307,7 @@ class Trainer:
             raise ValueError(f"data.batch_size={batch} is the total batch and must be divisible by the "
                              f"world size {self.world}")
         per_rank = batch // self.world
-        loader = build_dataloader(self.train_set, batch_size=per_rank, train=True, seed=cfg["experiment"]["seed"],
-                                  num_workers=d["num_workers"], rank=self.rank, world_size=self.world,
-                                  start_sample=self.iteration * per_rank * accum)
+        loader = self.train_loader(per_rank, accum)
         writer = self._writer()
         jsonl = open(self.run_dir / "metrics.jsonl", "a") if self.main else None
         old_handlers = self._install_signal_handlers()
@@ -279,43 +323,17 @@ class Trainer:
         t_last, imgs_since = time.perf_counter(), 0
         try:
             while self.iteration < self.total_iters:
-                terms_acc: dict[str, float] = {}
-                skipped = False
-                self.optimizer.zero_grad(set_to_none=True)
-                for micro in range(accum):
-                    sample = next(data_iter)
-                    images = sample["image"].to(self.device, non_blocking=True)
-                    target = sample["label"].to(self.device, non_blocking=True)
-                    sync = nullcontext()
-                    if self.world > 1 and micro < accum - 1:
-                        sync = self.ddp_model.no_sync()  # type: ignore[operator]
-                    with sync:
-                        with autocast_ctx(self.device, self.amp):
-                            total, terms, _ = self.ddp_model(images, target)
-                        if not torch.isfinite(total):
-                            skipped = self._non_finite(terms, sample)
-                            break
-                        self.scaler.scale(total / accum).backward()
-                    for k, v in terms.items():
-                        terms_acc[k] = terms_acc.get(k, 0.0) + float(v) / accum
-                    imgs_since += images.shape[0] * self.world
-                grad_norm = None
-                if not skipped:
-                    self.scaler.unscale_(self.optimizer)
-                    params = [p for g in self.optimizer.param_groups for p in g["params"]]
-                    clip = tr["grad_clip"]
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf")))
-                    if not math.isfinite(grad_norm) and self.amp != "fp16":
-                        skipped = self._non_finite({"grad_norm": torch.tensor(grad_norm)}, sample)
-                    if not skipped:
-                        self.scaler.step(self.optimizer)
-                        self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
+                try:
+                    terms_acc, skipped, grad_norm, n_img = self._train_step(data_iter, accum)
+                except torch.OutOfMemoryError as e:
+                    raise TrainingOutOfMemoryError(self._oom_message(e, per_rank, accum)) from e
+                imgs_since += n_img
                 self.scheduler.step()
                 self.iteration += 1
                 if progress is not None:
                     progress.update(1)
                 if self.iteration % int(tr["log_interval"]) == 0 or self.iteration == self.total_iters:
+                    terms_acc = self._reduce_terms(terms_acc)  # mean over ranks: the global-batch value
                     now = time.perf_counter()
                     rec = {"iter": self.iteration, "lr": self.optimizer.param_groups[0]["lr"],
                            "loss": sum(v for k, v in terms_acc.items() if k.endswith("/w")),
@@ -327,11 +345,17 @@ class Trainer:
                     self._validate(writer, jsonl)
                 if ckpt_every and self.iteration % ckpt_every == 0 and self.iteration < self.total_iters:
                     self.save_checkpoint()
-                if self._stop_signal is not None:
+                signum = self._stop_requested()
+                if signum:
                     log.warning("received signal %d: saving a checkpoint at iteration %d and stopping",
-                                self._stop_signal, self.iteration)
-                    self.save_checkpoint()
-                    raise KeyboardInterrupt
+                                signum, self.iteration)
+                    raise TrainingInterrupted(signum, self.iteration, self.save_checkpoint())
+        except BaseException:
+            if jsonl:
+                jsonl.close()
+            if writer:
+                writer.close()
+            raise
         finally:
             if progress is not None:
                 progress.close()
@@ -343,7 +367,7 @@ class Trainer:
         split = cfg["eval"]["final_split"]
         if split:
             m = self.evaluate_split(split)
-            result.final_metrics = {"split": split, **m.to_dict()}
+            result.final_metrics = {"split": split, "classes": self.class_names, **m.to_dict()}
             if self.main:
                 (self.run_dir / f"eval_{split}.json").write_text(json.dumps(result.final_metrics, indent=1))
                 log.info("final evaluation on %s:\n%s", split, format_table(m, self.class_names))
@@ -360,6 +384,102 @@ class Trainer:
             writer.close()
         dist.barrier()
         return result
+
+    def train_loader(self, per_rank: int, accum: int):
+        """This rank's endless training DataLoader, continuing at ``self.iteration`` (exact resume); with
+        ``teacher.cache`` its batches also carry the cached teacher outputs (key ``teacher``)."""
+        d = self.cfg["data"]
+        train_set = self.train_set
+        if self.teacher_cache is not None:
+            from c2vkd.engine.teacher_cache import CachedTeacherDataset
+
+            train_set = CachedTeacherDataset(self.train_set, self.teacher_cache)  # workers read the cached views
+        return build_dataloader(train_set, batch_size=per_rank, train=True, seed=self.cfg["experiment"]["seed"],
+                                num_workers=d["num_workers"], rank=self.rank, world_size=self.world,
+                                start_sample=self.iteration * per_rank * accum,
+                                augment_pool=d["augment_pool"], pool_seed=d["augment_pool_seed"])
+
+    def _train_step(self, data_iter, accum: int) -> tuple[dict[str, float], bool, float | None, int]:
+        """One optimizer step over ``accum`` micro-batches: (terms averaged over micro-batches, skipped,
+        grad norm, images seen by all ranks)."""
+        tr = self.cfg["train"]
+        terms_acc: dict[str, float] = {}
+        skipped, n_img = False, 0
+        self.optimizer.zero_grad(set_to_none=True)
+        for micro in range(accum):
+            sample = next(data_iter)
+            images = sample["image"].to(self.device, non_blocking=True)
+            target = sample["label"].to(self.device, non_blocking=True)
+            extra = ()
+            if "teacher" in sample:  # cached teacher outputs of these views (teacher.cache)
+                extra = ({k: v.to(self.device, non_blocking=True) for k, v in sample["teacher"].items()},)
+            sync = nullcontext()
+            if self.world > 1 and micro < accum - 1:
+                sync = self.ddp_model.no_sync()  # type: ignore[operator]
+            with sync:
+                with autocast_ctx(self.device, self.amp):
+                    total, terms, _ = self.ddp_model(images, target, *extra)
+                finite = torch.isfinite(total.detach()).to(torch.int32).reshape(1)
+                if self.world > 1:  # every rank must take the same branch, or DDP's all-reduce hangs
+                    dist.all_reduce_(finite, "min")
+                if not bool(finite.item()):
+                    skipped = self._non_finite(terms, sample)
+                    break
+                self.scaler.scale(total / accum).backward()
+            for k, v in terms.items():
+                terms_acc[k] = terms_acc.get(k, 0.0) + float(v) / accum
+            n_img += images.shape[0] * self.world
+        grad_norm = None
+        if not skipped:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            clip = tr["grad_clip"]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf")))
+            if not math.isfinite(grad_norm) and self.amp != "fp16":
+                skipped = self._non_finite({"grad_norm": torch.tensor(grad_norm)}, sample)
+            if not skipped:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return terms_acc, skipped, grad_norm, n_img
+
+    def _reduce_terms(self, terms: dict[str, float]) -> dict[str, float]:
+        """Average logged terms over ranks (each rank's terms are means over its share of the batch)."""
+        if self.world == 1 or not terms:
+            return terms
+        keys = sorted(terms)
+        t = torch.tensor([terms[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce_(t, "sum")
+        vals = (t / self.world).tolist()
+        return {k: vals[keys.index(k)] for k in terms}  # keep the losses' term order
+
+    def _stop_requested(self) -> int:
+        """Signal number if any rank received SIGTERM/SIGINT (all ranks agree, so they stop together), else 0."""
+        sig = int(self._stop_signal or 0)
+        if self.world > 1:
+            t = torch.tensor([sig], dtype=torch.int64, device=self.device)
+            sig = int(dist.all_reduce_(t, "max").item())
+        return sig
+
+    def _oom_message(self, err: BaseException, per_rank: int, accum: int) -> str:
+        d, tr = self.cfg["data"], self.cfg["train"]
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hints = [f"lower data.batch_size (now {d['batch_size']} in total, {per_rank} per process) and raise "
+                 f"train.accum_steps (now {accum}) to keep the effective batch",
+                 f"train on smaller crops: data.train_transform.crop_size (now {list(d['train_transform']['crop_size'])})"]
+        if tr["amp"] == "off":
+            hints.append("use mixed precision: train.amp=bf16 (fp16 on GPUs without bf16)")
+        for i, e in enumerate(self.cfg["losses"]):
+            if e["name"] == "vlfd" and e.get("graph_mode") == "naive":
+                hints.append(f"losses.{i}.graph_mode=gram (the VLFD patch graph in C x C memory instead of N x N)")
+            if e["name"] == "cirkd":
+                hints.append(f"lower losses.{i}.max_elements (CIRKD relation chunk size) or losses.{i}.memory_size")
+        hints.append("a smaller teacher / student, or more GPUs (torchrun --nproc-per-node N)")
+        mem = ""
+        if self.device.type == "cuda" and torch.cuda.is_available():
+            mem = f"; peak allocated {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
+        return (f"out of memory in training step {self.iteration + 1} on {self.device} ({first}{mem}). "
+                "To fit, " + "; ".join(hints))
 
     def _non_finite(self, terms: dict[str, torch.Tensor], sample: dict[str, Any]) -> bool:
         bad = {k: float(v) for k, v in terms.items() if not k.endswith("/w")}

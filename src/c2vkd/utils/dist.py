@@ -47,3 +47,20 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     t = t.clone()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t / world_size()
+
+
+def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (``sum``, ``min`` or ``max``) over all ranks; a no-op without a process group."""
+    if is_dist():
+        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+        dist.all_reduce(t, op=ops[op])
+    return t
+
+
+def all_gather_object(obj: object) -> list[object]:
+    """``[obj of rank 0, obj of rank 1, ...]`` (every rank must call it); ``[obj]`` without a process group."""
+    if not is_dist():
+        return [obj]
+    out: list[object] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

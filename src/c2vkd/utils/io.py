@@ -26,6 +26,14 @@ def _fsync_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write a small text file (JSON summaries, markers) atomically: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _fsync_write(path, lambda f: f.write(text.encode()))
+    return path
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -1,0 +1,316 @@
+"""`c2vkd compare`: train several KD methods under one schedule and seeds, then tabulate the gains.
+
+Each variant is the experiment config with one method preset's ``losses`` (``configs/methods/<name>.yaml``,
+or a path to any YAML holding ``losses``) merged on top, then the ``--set`` overrides, then the seed. Variants
+run one after another in this process, each in ``OUT/<method>/seed<k>/``; a finished variant leaves
+``result.json`` there, so rerunning the same command skips it, and an interrupted one resumes from its latest
+valid checkpoint (``--resume auto`` semantics). The summary goes to ``OUT/compare.json`` / ``compare.md`` plus
+``per_class_iou.png`` and ``training_curves.png``.
+
+The claim checked (method.md section 5): gain ratio = (mIoU_C2VKD - mIoU_none) / (mIoU_best_prior - mIoU_none),
+where best prior is the baseline method (not ``none``, not a ``c2vkd*`` preset) with the highest mean mIoU.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from c2vkd.config import ConfigError, dump_config, load_config
+from c2vkd.utils.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "result.json"
+
+
+def parse_seeds(spec: str | int, base_seed: int) -> list[int]:
+    """'3' -> three seeds base, base+1, base+2; '0,5,7' -> exactly those."""
+    text = str(spec).strip()
+    if "," in text:
+        try:
+            seeds = [int(s) for s in text.split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"--seeds must be a count or a comma-separated list of ints, got {spec!r}") from None
+    else:
+        try:
+            n = int(text)
+        except ValueError:
+            raise ConfigError(f"--seeds must be a count or a comma-separated list of ints, got {spec!r}") from None
+        if n < 1:
+            raise ConfigError(f"--seeds must be at least 1, got {n}")
+        seeds = [base_seed + k for k in range(n)]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds has duplicates: {seeds}")
+    return seeds
+
+
+def method_file(method: str) -> str:
+    """The preset file of a method name (packaged ``methods/<name>.yaml``) or the path itself."""
+    return method if method.endswith((".yaml", ".yml")) else f"methods/{method}.yaml"
+
+
+def method_label(method: str) -> str:
+    return Path(method).stem if method.endswith((".yaml", ".yml")) else method
+
+
+def is_c2vkd(method: str) -> bool:
+    return method_label(method).startswith("c2vkd")
+
+
+def variant_config(config: str | Path, method: str, seed: int, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Experiment config + the method's losses + overrides + seed (validated)."""
+    from c2vkd.losses import LOSSES
+
+    cfg = load_config(config, list(overrides), layers=[method_file(method)])
+    cfg["experiment"]["seed"] = int(seed)
+    cfg["experiment"]["name"] = f"{cfg['experiment']['name']}-{method_label(method)}-seed{seed}"
+    needs_teacher = any(LOSSES.get(e["name"]).requires_teacher for e in cfg["losses"])
+    if not needs_teacher:
+        # The no-KD student must not pay for (or depend on) a teacher it never uses.
+        cfg["teacher"]["name"] = None
+        cfg["teacher"]["checkpoint"] = None
+    elif not cfg["teacher"]["name"]:
+        raise ConfigError(f"method {method!r} needs a teacher, but {config} sets no teacher.name")
+    return cfg
+
+
+def run_variant(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Train one variant (resuming if it was interrupted) and return its result record."""
+    from c2vkd.engine.trainer import Trainer
+
+    done = run_dir / RESULT_FILE
+    if done.is_file():
+        return json.loads(done.read_text())
+    t0 = time.perf_counter()
+    resume = "auto" if (run_dir / "checkpoints").is_dir() else None
+    trainer = Trainer(cfg, run_dir=run_dir, resume=resume)
+    result = trainer.fit()
+    fm = result.final_metrics or {}
+    rec = {"miou": fm.get("miou"), "iou": fm.get("iou"), "split": fm.get("split"),
+           "best_val_miou": result.best_miou, "iters": trainer.total_iters,
+           "wall_s": time.perf_counter() - t0, "resumed": resume is not None,
+           "params": sum(p.numel() for p in trainer.student.parameters())}
+    if trainer.main:
+        atomic_write_text(done, json.dumps(rec, indent=1))
+    return rec
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def summarize(results: dict[str, dict[int, dict[str, Any]]], class_names: list[str],
+              teacher: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Per-method mean/std mIoU, gain over ``none`` and the C2VKD gain ratio (method.md section 5)."""
+    methods: dict[str, Any] = {}
+    for m, per_seed in results.items():
+        mious = [r["miou"] for r in per_seed.values() if r.get("miou") is not None]
+        if not mious:
+            continue
+        mean, std = _mean_std(mious)
+        ious = [r["iou"] for r in per_seed.values() if r.get("iou")]
+        per_class = [statistics.fmean([v for v in col if v is not None]) if any(v is not None for v in col) else None
+                     for col in zip(*ious)] if ious else []
+        methods[m] = {"miou_mean": mean, "miou_std": std, "miou_per_seed": {str(s): r["miou"] for s, r in per_seed.items()},
+                      "seeds": len(mious), "per_class_iou": per_class,
+                      "wall_s_mean": statistics.fmean([r["wall_s"] for r in per_seed.values()])}
+    base = methods.get("none")
+    summary: dict[str, Any] = {"methods": methods, "class_names": class_names, "teacher": teacher}
+    if base is None:
+        summary["note"] = "no 'none' (student without KD) variant: gains are not defined"
+        return summary
+    for m, rec in methods.items():
+        rec["gain"] = rec["miou_mean"] - base["miou_mean"]
+    priors = {m: r for m, r in methods.items() if m != "none" and not is_c2vkd(m)}
+    ratios: dict[str, Any] = {}
+    if priors:
+        best = max(priors, key=lambda m: priors[m]["miou_mean"])
+        best_gain = priors[best]["gain"]
+        summary["best_prior"] = best
+        for m, rec in methods.items():
+            if not is_c2vkd(m):
+                continue
+            if best_gain > 0:
+                ratios[m] = rec["gain"] / best_gain
+            else:
+                # A ratio over a non-positive denominator is meaningless; report it as undefined.
+                ratios[m] = None
+        summary["gain_ratio"] = ratios
+        summary["claim"] = ("(mIoU_c2vkd - mIoU_none) / (mIoU_best_prior - mIoU_none) > 2 "
+                            "(method.md section 5); undefined (null) when the best prior KD gain is <= 0")
+    return summary
+
+
+def format_markdown(summary: dict[str, Any], *, title: str, command: str | None = None) -> str:
+    lines = [f"# {title}", ""]
+    if command:
+        lines += ["```", command, "```", ""]
+    t = summary.get("teacher")
+    if t:
+        lines += [f"Teacher ({t['name']}, not trained here): mIoU {100 * t['miou']:.2f} on {t['split']}", ""]
+    lines += ["| method | mIoU mean | std | seeds | gain vs none | per-seed | wall time / run |",
+              "|---|---:|---:|---:|---:|---|---:|"]
+    for m, r in summary["methods"].items():
+        gain = r.get("gain")
+        per_seed = ", ".join(f"{100 * v:.2f}" for v in r["miou_per_seed"].values())
+        lines.append(f"| {m} | {100 * r['miou_mean']:.2f} | {100 * r['miou_std']:.2f} | {r['seeds']} | "
+                     f"{'' if gain is None else f'{100 * gain:+.2f}'} | {per_seed} | {r['wall_s_mean']:.0f} s |")
+    lines.append("")
+    if "best_prior" in summary:
+        lines.append(f"Best prior KD method: **{summary['best_prior']}** "
+                     f"(gain {100 * summary['methods'][summary['best_prior']]['gain']:+.2f} mIoU).")
+        for m, ratio in summary.get("gain_ratio", {}).items():
+            txt = "undefined (best prior gain <= 0)" if ratio is None else f"{ratio:.2f}"
+            verdict = "" if ratio is None else (" (> 2: claim holds here)" if ratio > 2 else " (<= 2: claim not met here)")
+            lines.append(f"Gain ratio {m} / best prior: {txt}{verdict}.")
+        lines.append("")
+    elif "note" in summary:
+        lines += [summary["note"], ""]
+    names = summary["class_names"]
+    methods = list(summary["methods"])
+    if names and methods:
+        lines += ["Per-class IoU (mean over seeds):", "",
+                  "| class | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+        for i, c in enumerate(names):
+            cells = []
+            for m in methods:
+                pc = summary["methods"][m]["per_class_iou"]
+                v = pc[i] if i < len(pc) else None
+                cells.append("-" if v is None else f"{100 * v:.1f}")
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _read_curve(run_dir: Path) -> tuple[list[int], list[float]]:
+    its, losses = [], []
+    f = run_dir / "metrics.jsonl"
+    if not f.is_file():
+        return its, losses
+    for line in f.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by an interruption
+        if "loss" in rec and "iter" in rec:
+            its.append(int(rec["iter"]))
+            losses.append(float(rec["loss"]))
+    return its, losses
+
+
+def plot_compare(summary: dict[str, Any], run_dirs: dict[str, list[Path]], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    written = []
+    names, methods = summary["class_names"], list(summary["methods"])
+    if names and methods:
+        fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(names) * max(1, len(methods)) / 3), 4.5))
+        width = 0.8 / len(methods)
+        x = np.arange(len(names))
+        for j, m in enumerate(methods):
+            pc = summary["methods"][m]["per_class_iou"]
+            vals = [100 * (v or 0.0) for v in pc] + [0.0] * (len(names) - len(pc))
+            ax.bar(x + (j - (len(methods) - 1) / 2) * width, vals, width, label=m)
+        ax.set_xticks(x, names, rotation=45, ha="right")
+        ax.set_ylabel("IoU (%)")
+        ax.set_title("Per-class IoU (mean over seeds)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = out_dir / "per_class_iou.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m, dirs in run_dirs.items():
+        for k, d in enumerate(dirs):
+            its, losses = _read_curve(d)
+            if its:
+                ax.plot(its, losses, label=m if k == 0 else None, color=f"C{list(run_dirs).index(m) % 10}",
+                        alpha=0.8, lw=1)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("total weighted loss")
+    ax.set_yscale("log")
+    ax.set_title("Training curves (one line per seed)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = out_dir / "training_curves.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    written.append(p)
+    return written
+
+
+def run_compare(config: str | Path, methods: Sequence[str], seeds: str | int = 1, *,
+                overrides: Sequence[str] = (), out_dir: str | Path | None = None,
+                command: str | None = None, eval_teacher: bool = True) -> dict[str, Any]:
+    """Train every (method, seed) variant not yet finished, then write compare.json/.md and plots."""
+    if not methods:
+        raise ConfigError("--methods is empty")
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"--methods has duplicates: {list(methods)}")
+    base = load_config(config, list(overrides))
+    seed_list = parse_seeds(seeds, base["experiment"]["seed"])
+    out = Path(out_dir) if out_dir else Path(base["experiment"]["output_dir"]) / f"compare-{base['experiment']['name']}"
+    # Resolve every variant's config before training anything, so a typo in the last method fails first.
+    plan = {m: {s: variant_config(config, m, s, overrides) for s in seed_list} for m in methods}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "plan.yaml", dump_config({"config": str(config), "methods": list(methods),
+                                                       "seeds": seed_list, "overrides": list(overrides)}))
+    results: dict[str, dict[int, dict[str, Any]]] = {}
+    dirs: dict[str, list[Path]] = {}
+    total = len(methods) * len(seed_list)
+    k = 0
+    for m in methods:
+        results[m] = {}
+        dirs[m] = []
+        for s in seed_list:
+            k += 1
+            run_dir = out / method_label(m) / f"seed{s}"
+            dirs[m].append(run_dir)
+            state = "done, skipping" if (run_dir / RESULT_FILE).is_file() else "training"
+            log.info("compare [%d/%d] %s seed %d: %s (%s)", k, total, m, s, state, run_dir)
+            results[m][s] = run_variant(plan[m][s], run_dir)
+    teacher = None
+    t = base["teacher"]
+    split = base["eval"]["final_split"] or base["eval"]["split"]
+    if eval_teacher and t["name"] and t["checkpoint"]:
+        tfile = out / "teacher.json"
+        if tfile.is_file():
+            teacher = json.loads(tfile.read_text())
+        else:
+            from c2vkd.engine.evaluation import evaluate_checkpoint
+
+            tm, _, tname, _ = evaluate_checkpoint(t["checkpoint"], base, split)
+            teacher = {"name": tname, "checkpoint": str(t["checkpoint"]), "split": split, "miou": tm.miou,
+                       "iou": tm.to_dict()["iou"]}
+            atomic_write_text(tfile, json.dumps(teacher, indent=1))
+    from c2vkd.data import build_dataset
+
+    class_names = list(build_dataset(base["data"], split, train=False).classes)
+    summary = summarize(results, class_names, teacher)
+    summary.update({"config": str(config), "seeds": seed_list, "overrides": list(overrides), "split": split,
+                    "command": command})
+    atomic_write_text(out / "compare.json", json.dumps(summary, indent=1, default=_json_default))
+    md = format_markdown(summary, title=f"c2vkd compare: {base['experiment']['name']} ({split})", command=command)
+    atomic_write_text(out / "compare.md", md)
+    summary["plots"] = [str(p) for p in plot_compare(summary, dirs, out)]
+    summary["out_dir"] = str(out)
+    summary["markdown"] = md
+    return summary
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return str(o)

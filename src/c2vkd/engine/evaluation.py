@@ -1,0 +1,71 @@
+"""Evaluate a saved model (export, training checkpoint or foreign checkpoint) on a dataset split.
+
+Shared by `c2vkd eval`, `c2vkd compare` (the teacher row) and the demo, so they measure identically.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from c2vkd.data import build_dataloader, build_dataset
+from c2vkd.engine.trainer import _hw, pick_device
+from c2vkd.engine.weights import build_for_eval
+from c2vkd.inference import evaluate
+from c2vkd.metrics import SegMetrics
+
+
+def evaluate_model(model: nn.Module, cfg: dict[str, Any], split: str, *, device: torch.device | None = None,
+                   progress: bool | None = None) -> tuple[SegMetrics, list[str]]:
+    """Evaluate `model` on `split` with the config's eval settings; returns (metrics, class names)."""
+    d, e = cfg["data"], cfg["eval"]
+    device = device or next(model.parameters()).device
+    dataset = build_dataset(d, split, train=False)
+    loader = build_dataloader(dataset, batch_size=d["eval_batch_size"], train=False, num_workers=d["num_workers"])
+    model.eval()
+    with torch.inference_mode():
+        m = evaluate(model, loader, num_classes=dataset.num_classes, device=device, mode=e["mode"],
+                     window=_hw(e["window"]), stride=_hw(e["stride"]), scales=e["scales"], flip=e["flip"],
+                     amp=cfg["train"]["amp"],
+                     progress=cfg["train"]["progress"] if progress is None else progress)
+    return m, list(dataset.classes)
+
+
+def evaluate_checkpoint(path: str | Path, cfg: dict[str, Any], split: str, *,
+                        progress: bool | None = None) -> tuple[SegMetrics, list[str], str, nn.Module]:
+    """Load a checkpoint (architecture from its metadata, else the config's student) and evaluate it.
+
+    Returns (metrics, class names, model name, model)."""
+    dataset = build_dataset(cfg["data"], split, train=False)
+    device = pick_device(cfg["train"]["device"])
+    model, name = build_for_eval(path, cfg, dataset.num_classes, device)
+    m, classes = evaluate_model(model, cfg, split, device=device, progress=progress)
+    return m, classes, name, model
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def measure_latency(model: nn.Module, input_hw: tuple[int, int], *, runs: int = 10, warmup: int = 2,
+                    batch: int = 1) -> dict[str, float]:
+    """Forward latency in ms (eval, no grad): median/min/max over `runs` after `warmup` runs."""
+    device = next(model.parameters()).device
+    x = torch.randn(batch, 3, *input_hw, device=device)
+    model.eval()
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + runs):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= warmup:
+                times.append(1000 * (time.perf_counter() - t0))
+    times.sort()
+    return {"median_ms": times[len(times) // 2], "min_ms": times[0], "max_ms": times[-1], "runs": runs}

@@ -1,0 +1,36 @@
+"""`c2vkd demo` (the README's main command) end to end at a 1-iteration schedule."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from c2vkd.cli import main
+
+
+@pytest.mark.slow
+def test_demo_runs_all_stages_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "demo"
+    fast = ["--set", "schedule.iters=1", "--set", "schedule.warmup_iters=0", "--set", "train.progress=false",
+            "--set", "data.batch_size=2", "--set", "data.train_transform.crop_size=[64,64]"]
+    assert main(["demo", "--run-dir", str(run), *fast]) == 0
+    out = capsys.readouterr().out
+    for row in ("teacher (no KD)", "student, no KD", "student + C2VKD"):
+        assert row in out
+    demo = json.loads((run / "demo.json").read_text())
+    rows = {r["row"]: r for r in demo["rows"]}
+    assert rows["teacher (no KD)"]["model"] == "deeplabv3plus_r18"
+    assert rows["student + C2VKD"]["model"] == rows["student, no KD"]["model"] == "segformer_b0"
+    assert rows["teacher (no KD)"]["params"] > 3 * rows["student, no KD"]["params"]
+    # the table's student numbers are the runs' own final test evaluations
+    for label, m in (("student, no KD", "none"), ("student + C2VKD", "c2vkd")):
+        final = json.loads((run / "students" / m / "seed0" / "eval_test.json").read_text())
+        assert rows[label]["miou"] == pytest.approx(final["miou"], abs=1e-9)
+    cfg = (run / "students/c2vkd/seed0/config.yaml").read_text()
+    assert "pdd" in cfg and "vlfd" in cfg and str(run / "teacher" / "student.safetensors") in cfg
+    assert "pdd" not in (run / "students/none/seed0/config.yaml").read_text()
+    # rerunning skips every finished stage (no new checkpoints are written)
+    before = sorted(p.stat().st_mtime_ns for p in run.rglob("*.pt"))
+    assert main(["demo", "--run-dir", str(run), *fast]) == 0
+    assert sorted(p.stat().st_mtime_ns for p in run.rglob("*.pt")) == before
