@@ -302,6 +302,17 @@ def test_embedding_queue_is_fifo_ring():
     assert sorted(q.contents()[:, 0].tolist()) == [110.0, 112.0, 114.0, 116.0, 118.0]
 
 
+def test_embedding_queue_state_is_checkpointed():
+    """The bank and its pointers travel in state_dict (training checkpoints), so resume is exact."""
+    q = EmbeddingQueue(5, 2)
+    q.push(torch.arange(14.0).view(7, 2))
+    r = EmbeddingQueue(5, 2)
+    r.load_state_dict(q.state_dict())
+    assert r.ptr == q.ptr == 0 and r.filled == 5 and torch.equal(r.contents(), q.contents())
+    q.push(torch.ones(1, 2)); r.push(torch.ones(1, 2))
+    assert torch.equal(r.contents(), q.contents())
+
+
 def test_cirkd_memory_loss_matches_loop_and_empty_memory():
     k = 3
     fs, ft = torch.randn(2, 5, 3, 4), torch.randn(2, 5, 3, 4)
@@ -342,7 +353,9 @@ def test_cirkd_module_memory_bank():
     ctx = LossContext(**ODD_CTX)
     mod = CIRKDLoss(ctx, memory_size=12, region_memory_size=4, pixels_per_image=5)
     assert set(mod.weights) == {"cirkd_p2p", "cirkd_p2r", "cirkd_mem_p2p", "cirkd_mem_p2r"}
-    assert mod.state_dict().keys() == {k for k, _ in mod.named_parameters()}  # queues are not checkpointed
+    # the queues are checkpointed with the loss heads (exact resume)
+    assert set(mod.state_dict()) == {k for k, _ in mod.named_parameters()} | {
+        f"{q}_queue.{b}" for q in ("pixel", "region") for b in ("bank", "ptr_filled")}
     fs = torch.randn(2, 256, 4, 5, requires_grad=True)
     inputs = LossInputs(student_logits=torch.zeros(1), target=_target(2, 8, 10, 5, n_ignore=10),
                         student_feats={"feat": fs}, teacher_feats={"feat": torch.randn(2, 2048, 8, 10)})

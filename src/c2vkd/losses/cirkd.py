@@ -32,15 +32,16 @@ own regions. Chunked like p2p (rows x B*K). CIRKD draws regions from a memory ba
 this in-batch variant is our adaptation.
 
 ``cirkd_mem_p2p`` / ``cirkd_mem_p2r`` -- optional memory-bank variant (off by default:
-``memory_size: 0``). A simplified single-process version of CIRKD's ``StudentSegContrast``: FIFO
+``memory_size: 0``). A simplified version of CIRKD's ``StudentSegContrast``: FIFO
 queues of past L2-normalised TEACHER pixel embeddings (``pixels_per_image`` random valid pixels per
 image per step, ``memory_size`` entries) and teacher class-region embeddings (one per class present
 per image, ``region_memory_size`` entries). Each step first enqueues the current batch (as CIRKD
 does), then every valid pixel's similarity to all filled queue entries (/ ``region_temperature``)
 gives teacher and student logits and the same KL as ``cirkd_p2r`` (chunked, same budget).
 Simplifications vs. the reference: one queue per kind instead of one per class, the whole filled
-queue is the contrast set (no per-step subsampling), queues start empty (not random) and are not
-saved in checkpoints (they refill within a few steps), no cross-process gathering.
+queue is the contrast set (no per-step subsampling), queues start empty (not random). The queues are
+saved in training checkpoints (exact resume) and, under DDP, every rank enqueues the rows gathered from
+all ranks, so the banks stay identical across processes.
 
 Student adapter: 1x1 conv C_S -> C_T (sized from the loss context) then bilinear resize to the
 teacher's h x w (``adapter: mlp`` = CIRKD's conv-BN-ReLU-conv projection head). It is used by both
@@ -63,6 +64,7 @@ from torch.utils.checkpoint import checkpoint
 
 from c2vkd.losses.adapters import feature_taps, labels_to, make_adapter, no_autocast, tap_shapes
 from c2vkd.losses.base import LOSSES, DistillLoss, LossContext, LossInputs, masked_mean
+from c2vkd.utils.dist import all_gather_rows
 
 log = logging.getLogger(__name__)
 _LOGGED: set[tuple] = set()
@@ -232,26 +234,38 @@ def cirkd_memory_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, ta
 
 
 class EmbeddingQueue(nn.Module):
-    """A FIFO ring buffer of ``size`` embeddings of dimension ``dim`` (single process, not checkpointed)."""
+    """A FIFO ring buffer of ``size`` embeddings of dimension ``dim``.
+
+    The bank and its pointers are persistent buffers, so they are saved in training checkpoints and a
+    resumed run continues with the same memory (exact resume). Under DDP every rank enqueues the rows of
+    all ranks (gathered), so all banks stay identical, as in CIRKD's distributed queue."""
 
     def __init__(self, size: int, dim: int) -> None:
         super().__init__()
         self.size = int(size)
-        self.register_buffer("bank", torch.zeros(self.size, int(dim)), persistent=False)
-        self.ptr = 0
-        self.filled = 0
+        self.register_buffer("bank", torch.zeros(self.size, int(dim)))
+        self.register_buffer("ptr_filled", torch.zeros(2, dtype=torch.long))
+
+    @property
+    def ptr(self) -> int:
+        return int(self.ptr_filled[0])
+
+    @property
+    def filled(self) -> int:
+        return int(self.ptr_filled[1])
 
     @torch.no_grad()
     def push(self, rows: torch.Tensor) -> None:
         """Append rows [n, dim] (the newest ``size`` of them when n > size), overwriting the oldest."""
-        rows = rows.detach().to(self.bank.dtype)[-self.size:]
+        rows = all_gather_rows(rows.detach().to(self.bank.dtype))[-self.size:]
         n = rows.shape[0]
         if n == 0:
             return
-        idx = (self.ptr + torch.arange(n, device=self.bank.device)) % self.size
+        ptr = self.ptr
+        idx = (ptr + torch.arange(n, device=self.bank.device)) % self.size
         self.bank[idx] = rows.to(self.bank.device)
-        self.ptr = (self.ptr + n) % self.size
-        self.filled = min(self.size, self.filled + n)
+        self.ptr_filled[0] = (ptr + n) % self.size
+        self.ptr_filled[1] = min(self.size, self.filled + n)
 
     def contents(self) -> torch.Tensor:
         return self.bank[: self.filled]

@@ -64,3 +64,21 @@ def all_gather_object(obj: object) -> list[object]:
     out: list[object] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Concatenate a [n_r, D] tensor from every rank (n_r may differ), in rank order; no autograd.
+
+    Used by queues (CIRKD's memory bank) so every rank enqueues the same rows and holds the same bank."""
+    if not is_dist():
+        return rows
+    n = torch.tensor([rows.shape[0]], device=rows.device, dtype=torch.long)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    torch.distributed.all_gather(sizes, n)
+    counts = [int(s.item()) for s in sizes]
+    m = max(counts)
+    padded = rows.new_zeros((m, *rows.shape[1:]))
+    padded[: rows.shape[0]] = rows
+    out = [torch.zeros_like(padded) for _ in counts]
+    torch.distributed.all_gather(out, padded.contiguous())
+    return torch.cat([o[:c] for o, c in zip(out, counts)])
