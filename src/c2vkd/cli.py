@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed forward passes first")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op CPU threads (default: torch's)")
 
     p = sub.add_parser("cache-teacher", help="precompute the frozen teacher's outputs on every augmentation-pool "
                                              "view (needs data.augment_pool >= 1; train with teacher.cache=OUT)")
@@ -245,7 +246,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from c2vkd.models.report import format_info, model_info
 
     info = model_info(args.model, num_classes=args.num_classes, input_hw=_hw(args.input), runs=args.runs,
-                      warmup=args.warmup, batch=args.batch, device=args.device)
+                      warmup=args.warmup, batch=args.batch, device=args.device, threads=args.threads)
     print(format_info(info))
     return 0
 
