@@ -267,47 +267,58 @@ def run_compare(config: str | Path, methods: Sequence[str], seeds: str | int = 1
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "plan.yaml", dump_config({"config": str(config), "methods": list(methods),
                                                        "seeds": seed_list, "overrides": list(overrides)}))
-    results: dict[str, dict[int, dict[str, Any]]] = {}
-    dirs: dict[str, list[Path]] = {}
+    split = base["eval"]["final_split"] or base["eval"]["split"]
+    teacher = _teacher_row(base, split, out) if eval_teacher else None
+    from c2vkd.data import build_dataset
+
+    class_names = list(build_dataset(base["data"], split, train=False).classes)
+    title = f"c2vkd compare: {base['experiment']['name']} ({split})"
+
+    def write_summary(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
+        summary = summarize({m: r for m, r in results.items() if r}, class_names, teacher)
+        summary.update({"config": str(config), "seeds": seed_list, "overrides": list(overrides), "split": split,
+                        "command": command})
+        atomic_write_text(out / "compare.json", json.dumps(summary, indent=1, default=_json_default))
+        summary["markdown"] = format_markdown(summary, title=title, command=command)
+        atomic_write_text(out / "compare.md", summary["markdown"])
+        return summary
+
+    results: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in methods}
+    dirs: dict[str, list[Path]] = {m: [] for m in methods}
     total = len(methods) * len(seed_list)
     k = 0
-    for m in methods:
-        results[m] = {}
-        dirs[m] = []
-        for s in seed_list:
+    # Seed-major order: after each seed every method has a result, so an interrupted compare already
+    # holds complete comparisons for the finished seeds (the summary is rewritten after every variant).
+    for s in seed_list:
+        for m in methods:
             k += 1
             run_dir = out / method_label(m) / f"seed{s}"
             dirs[m].append(run_dir)
             state = "done, skipping" if (run_dir / RESULT_FILE).is_file() else "training"
             log.info("compare [%d/%d] %s seed %d: %s (%s)", k, total, m, s, state, run_dir)
             results[m][s] = run_variant(plan[m][s], run_dir)
-    teacher = None
-    t = base["teacher"]
-    split = base["eval"]["final_split"] or base["eval"]["split"]
-    if eval_teacher and t["name"] and t["checkpoint"]:
-        tfile = out / "teacher.json"
-        if tfile.is_file():
-            teacher = json.loads(tfile.read_text())
-        else:
-            from c2vkd.engine.evaluation import evaluate_checkpoint
-
-            tm, _, tname, _ = evaluate_checkpoint(t["checkpoint"], base, split)
-            teacher = {"name": tname, "checkpoint": str(t["checkpoint"]), "split": split, "miou": tm.miou,
-                       "iou": tm.to_dict()["iou"]}
-            atomic_write_text(tfile, json.dumps(teacher, indent=1))
-    from c2vkd.data import build_dataset
-
-    class_names = list(build_dataset(base["data"], split, train=False).classes)
-    summary = summarize(results, class_names, teacher)
-    summary.update({"config": str(config), "seeds": seed_list, "overrides": list(overrides), "split": split,
-                    "command": command})
-    atomic_write_text(out / "compare.json", json.dumps(summary, indent=1, default=_json_default))
-    md = format_markdown(summary, title=f"c2vkd compare: {base['experiment']['name']} ({split})", command=command)
-    atomic_write_text(out / "compare.md", md)
+            write_summary(results)
+    summary = write_summary(results)
     summary["plots"] = [str(p) for p in plot_compare(summary, dirs, out)]
     summary["out_dir"] = str(out)
-    summary["markdown"] = md
     return summary
+
+
+def _teacher_row(base: dict[str, Any], split: str, out: Path) -> dict[str, Any] | None:
+    """Evaluate the configured teacher checkpoint once (cached in OUT/teacher.json)."""
+    t = base["teacher"]
+    if not (t["name"] and t["checkpoint"]):
+        return None
+    tfile = out / "teacher.json"
+    if tfile.is_file():
+        return json.loads(tfile.read_text())
+    from c2vkd.engine.evaluation import evaluate_checkpoint
+
+    tm, _, tname, _ = evaluate_checkpoint(t["checkpoint"], base, split)
+    teacher = {"name": tname, "checkpoint": str(t["checkpoint"]), "split": split, "miou": tm.miou,
+               "iou": tm.to_dict()["iou"]}
+    atomic_write_text(tfile, json.dumps(teacher, indent=1))
+    return teacher
 
 
 def _json_default(o: Any) -> Any:
