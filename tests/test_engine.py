@@ -212,3 +212,19 @@ def test_experiment_imports_register_user_modules(tmp_path: Path) -> None:
         load_config(None, ["experiment.imports=[no_such_module_xyz]"])
     with pytest.raises(ConfigError, match="must be a list"):
         load_config(None, ["experiment.imports=_toy"])
+
+
+def test_sync_bn_conversion_rules() -> None:
+    """student.sync_bn: a no-op for one process, an error on CPU multi-process, a module swap on CUDA DDP."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    one = SimpleNamespace(world=1, device=torch.device("cpu"))
+    assert Trainer._sync_bn(one, model) is model
+    with pytest.raises(ValueError, match="sync_bn=true needs CUDA"):
+        Trainer._sync_bn(SimpleNamespace(world=2, device=torch.device("cpu")), model)
+    weight = model[1].weight
+    out = Trainer._sync_bn(SimpleNamespace(world=2, device=torch.device("cuda", 0)), model)
+    assert isinstance(out[1], nn.SyncBatchNorm) and out[1].weight is weight  # parameters reused, not copied

@@ -65,7 +65,12 @@ DEFAULTS: dict[str, Any] = {
         "augment_pool_seed": None,  # seed of the pool's views; null -> experiment.seed (an int lets several
                                     # experiment seeds share one pool, hence one teacher cache)
     },
-    "student": {"name": "segformer_b0", "pretrained": None, "kwargs": {}},
+    "student": {
+        "name": "segformer_b0",
+        "pretrained": None,
+        "kwargs": {},
+        "sync_bn": False,         # DDP on CUDA: convert the student's BatchNorm layers to SyncBatchNorm
+    },
     "teacher": {
         "name": None,             # null -> no teacher (supervised training)
         "checkpoint": None,       # trained teacher weights (c2vkd run checkpoint, export, or a supported format)

@@ -146,6 +146,8 @@ class Trainer:
         self.ignore_index = self.train_set.ignore_index
 
         self.student, self.teacher = build_from_config(cfg, self.num_classes, self.class_names, self.device)
+        if cfg["student"]["sync_bn"]:
+            self.student = self._sync_bn(self.student)
         self.teacher_cache = None
         if cfg["teacher"]["cache"] and self.teacher is not None and any(
                 LOSSES.get(e["name"]).requires_teacher for e in cfg["losses"]):
@@ -185,6 +187,19 @@ class Trainer:
                 find_unused_parameters=unused)
 
     # ----------------------------------------------------------------------------------------- setup
+    def _sync_bn(self, student: nn.Module) -> nn.Module:
+        """student.sync_bn: BatchNorm statistics over the total batch of all processes (before taps are
+        attached, so hooks land on the converted modules; parameters are reused, not copied)."""
+        if self.world == 1:
+            log.info("student.sync_bn: single process, BatchNorm already sees the whole batch (no conversion)")
+            return student
+        if self.device.type != "cuda":
+            raise ValueError("student.sync_bn=true needs CUDA devices: PyTorch's SyncBatchNorm has no CPU/gloo "
+                             "implementation (set student.sync_bn=false for CPU multi-process runs)")
+        n = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules())
+        log.info("student.sync_bn: converting %d BatchNorm layers to SyncBatchNorm", n)
+        return nn.SyncBatchNorm.convert_sync_batchnorm(student)
+
     def _build_optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg["optim"]
         head_ids = {id(p) for p in self.model.head_parameters()}
@@ -521,6 +536,11 @@ class Trainer:
                     writer.add_scalar(tag, v, rec["iter"])
             if torch.cuda.is_available() and self.device.type == "cuda":
                 writer.add_scalar("train/max_mem_gb", torch.cuda.max_memory_allocated(self.device) / 2**30, rec["iter"])
+            else:  # CPU: the process's peak resident set size (Linux reports KiB)
+                import resource
+
+                writer.add_scalar("train/max_rss_gb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                                  rec["iter"])
         if progress is not None:
             progress.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{rec['img_per_s']:.1f}")
 
