@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"teacher cache: {index['views']} views, top-{index['topk']} of {index['num_classes']} logits at "
               f"{index['logits_hw'][0]}x{index['logits_hw'][1]}, taps {sorted(index['taps'])}, {index['dtype']}, "
               f"{index['bytes_per_view'] / 2**10:.1f} KiB/view, built in {build_s:.1f} s")
-        print(f"\n| variant | amp | img/s | s/iter | vs (a) amp off |\n|---|---|---|---|---|")
+        print("\n| variant | amp | img/s | s/iter | vs (a) amp off |\n|---|---|---|---|---|")
         results = []
         for r in runs:
             sec = statistics.median(r["rounds"]) / args.iters

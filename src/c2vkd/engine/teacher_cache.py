@@ -512,7 +512,7 @@ def build_teacher_cache(cfg: dict[str, Any], out: str | Path | None = None, *, t
         "bytes_per_view": total_bytes / max(1, len(keys)),
         "made_with": {"device": str(device), "amp": amp, "batch_size": bs, "views_computed_now": computed},
         "view_order": "view v = index * pool + j has seed view_seed(pool_seed, index, j) (c2vkd.data.sampler); "
-                      f"shard v // shard_size, row v % shard_size",
+                      "shard v // shard_size, row v % shard_size",
     }
     atomic_write_text(index_path, json.dumps(index, indent=1))
     return index

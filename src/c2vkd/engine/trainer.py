@@ -29,7 +29,7 @@ from c2vkd.config import dump_config
 from c2vkd.data import build_dataloader, build_dataset
 from c2vkd.engine.distiller import Distiller
 from c2vkd.engine.schedule import lr_factor
-from c2vkd.engine.weights import build_from_config, load_model_weights, save_student
+from c2vkd.engine.weights import build_from_config, save_student
 from c2vkd.inference import evaluate
 from c2vkd.losses import LOSSES
 from c2vkd.metrics import format_table

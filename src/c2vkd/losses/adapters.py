@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from c2vkd.losses.base import DistillLoss
+
 ADAPTER_KINDS = ("conv1x1", "conv3x3", "mlp", "none")
 
 
@@ -131,3 +133,24 @@ def labels_to(target: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 def check_same_shape(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     if a.shape != b.shape:
         raise ValueError(f"{what}: student {tuple(a.shape)} and teacher {tuple(b.shape)} must have the same shape")
+
+
+class AdaptedFeatureLoss(DistillLoss):
+    """Base of the feature losses that compare one student tap with one teacher tap through an adapter
+    (FitNets, SKD, IFVD, CIRKD): reads ``student_tap`` / ``teacher_tap`` (default "feat"), sizes the adapter
+    from the context's dummy-forward shapes, and :meth:`aligned` returns the adapted pair."""
+
+    def _init_taps(self, ctx, student_tap: str, teacher_tap: str, adapter: str, loss: str) -> tuple:
+        self.student_tap, self.teacher_tap = student_tap, teacher_tap
+        s_shape, t_shape = tap_shapes(ctx, student_tap, teacher_tap, loss)
+        self.adapter = make_adapter(s_shape, t_shape, adapter)
+        return s_shape, t_shape
+
+    @classmethod
+    def taps(cls, args: dict) -> tuple[list[str], list[str]]:
+        return feature_taps(args)
+
+    def aligned(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(adapted student feature [B, Ct, ht, wt], teacher feature [B, Ct, ht, wt])."""
+        t = inputs.teacher_feats[self.teacher_tap]
+        return self.adapter(inputs.student_feats[self.student_tap], t.shape[-2:]), t

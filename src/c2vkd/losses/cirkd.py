@@ -62,8 +62,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from c2vkd.losses.adapters import feature_taps, labels_to, make_adapter, no_autocast, tap_shapes
-from c2vkd.losses.base import LOSSES, DistillLoss, LossContext, LossInputs, masked_mean
+from c2vkd.losses.adapters import AdaptedFeatureLoss, labels_to, no_autocast
+from c2vkd.losses.base import LOSSES, LossContext, LossInputs, masked_mean
 from c2vkd.utils.dist import all_gather_rows
 
 log = logging.getLogger(__name__)
@@ -298,7 +298,7 @@ def teacher_memory_rows(teacher_feat: torch.Tensor, target: torch.Tensor, *, num
 
 
 @LOSSES.register("cirkd")
-class CIRKDLoss(DistillLoss):
+class CIRKDLoss(AdaptedFeatureLoss):
     """CIRKD. Terms ``cirkd_p2p`` (weight * p2p_weight), ``cirkd_p2r`` (weight * p2r_weight) and, with
     ``memory_size > 0``, ``cirkd_mem_p2p`` / ``cirkd_mem_p2r`` (weight * mem_p2p_weight /
     weight * mem_p2r_weight); a term with weight 0 is not computed (its queue is still filled).
@@ -351,9 +351,7 @@ class CIRKDLoss(DistillLoss):
         self.region_source = region_source
         self.max_elements = int(max_elements)
         self.max_rows_per_chunk = None if max_rows_per_chunk is None else int(max_rows_per_chunk)
-        self.student_tap, self.teacher_tap = student_tap, teacher_tap
-        s_shape, t_shape = tap_shapes(ctx, student_tap, teacher_tap, "cirkd")
-        self.adapter = make_adapter(s_shape, t_shape, adapter)
+        s_shape, t_shape = self._init_taps(ctx, student_tap, teacher_tap, adapter, "cirkd")
         self.pixels_per_image = int(pixels_per_image)
         if int(memory_size) > 0:
             self.weights["cirkd_mem_p2p"] = float(weight) * float(mem_p2p_weight)
@@ -361,13 +359,8 @@ class CIRKDLoss(DistillLoss):
             self.pixel_queue = EmbeddingQueue(int(memory_size), t_shape[1])
             self.region_queue = EmbeddingQueue(int(region_memory_size), t_shape[1])
 
-    @classmethod
-    def taps(cls, args: dict) -> tuple[list[str], list[str]]:
-        return feature_taps(args)
-
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
-        t = inputs.teacher_feats[self.teacher_tap]
-        s = self.adapter(inputs.student_feats[self.student_tap], t.shape[-2:])
+        s, t = self.aligned(inputs)
         out: dict[str, torch.Tensor] = {}
         if self.weights["cirkd_p2p"] != 0:
             out["cirkd_p2p"] = cirkd_pixel_loss(s, t, temperature=self.temperature, scope=self.scope,

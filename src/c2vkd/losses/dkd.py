@@ -26,7 +26,6 @@ the DKD loss linearly over the first 20 epochs (``warmup``); that schedule is no
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from c2vkd.losses.adapters import check_same_shape, no_autocast
 from c2vkd.losses.base import LOSSES, DistillLoss, LossContext, LossInputs, masked_mean

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from c2vkd.losses.adapters import check_same_shape, feature_taps, make_adapter, no_autocast, tap_shapes
-from c2vkd.losses.base import LOSSES, DistillLoss, LossContext, LossInputs
+from c2vkd.losses.adapters import AdaptedFeatureLoss, check_same_shape, no_autocast
+from c2vkd.losses.base import LOSSES, LossContext, LossInputs
 
 
 def fitnet_loss(student_hint: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
@@ -28,7 +28,7 @@ def fitnet_loss(student_hint: torch.Tensor, teacher_feat: torch.Tensor) -> torch
 
 
 @LOSSES.register("fitnet")
-class FitNetLoss(DistillLoss):
+class FitNetLoss(AdaptedFeatureLoss):
     """FitNets hint. Args: ``weight`` (1.0), ``adapter`` ("conv1x1" | "conv3x3" | "mlp"),
     ``student_tap`` / ``teacher_tap`` ("feat")."""
 
@@ -39,15 +39,8 @@ class FitNetLoss(DistillLoss):
         super().__init__(ctx, weight)
         if adapter == "none":
             raise ValueError("loss fitnet: the hint regressor must map channels; adapter 'none' is not allowed")
-        self.student_tap, self.teacher_tap = student_tap, teacher_tap
-        s_shape, t_shape = tap_shapes(ctx, student_tap, teacher_tap, "fitnet")
-        self.adapter = make_adapter(s_shape, t_shape, adapter)
-
-    @classmethod
-    def taps(cls, args: dict) -> tuple[list[str], list[str]]:
-        return feature_taps(args)
+        self._init_taps(ctx, student_tap, teacher_tap, adapter, "fitnet")
 
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
-        t = inputs.teacher_feats[self.teacher_tap]
-        s = self.adapter(inputs.student_feats[self.student_tap], t.shape[-2:])
+        s, t = self.aligned(inputs)
         return {"fitnet": fitnet_loss(s, t)}

@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from c2vkd.losses.adapters import feature_taps, labels_to, make_adapter, no_autocast, tap_shapes
-from c2vkd.losses.base import LOSSES, DistillLoss, LossContext, LossInputs, masked_mean
+from c2vkd.losses.adapters import AdaptedFeatureLoss, labels_to, no_autocast
+from c2vkd.losses.base import LOSSES, LossContext, LossInputs, masked_mean
 
 
 def ifv_map(feat: torch.Tensor, onehot: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -68,7 +68,7 @@ def ifvd_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, target: to
 
 
 @LOSSES.register("ifvd")
-class IFVDLoss(DistillLoss):
+class IFVDLoss(AdaptedFeatureLoss):
     """IFVD. Args: ``weight`` (1.0), ``adapter`` ("conv1x1"), ``mean_over`` ("valid"),
     ``student_tap``/``teacher_tap`` ("feat")."""
 
@@ -80,16 +80,9 @@ class IFVDLoss(DistillLoss):
         if mean_over not in ("valid", "all"):
             raise ValueError(f"loss ifvd: mean_over must be 'valid' or 'all', got {mean_over!r}")
         self.mean_over = mean_over
-        self.student_tap, self.teacher_tap = student_tap, teacher_tap
-        s_shape, t_shape = tap_shapes(ctx, student_tap, teacher_tap, "ifvd")
-        self.adapter = make_adapter(s_shape, t_shape, adapter)
-
-    @classmethod
-    def taps(cls, args: dict) -> tuple[list[str], list[str]]:
-        return feature_taps(args)
+        self._init_taps(ctx, student_tap, teacher_tap, adapter, "ifvd")
 
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
-        t = inputs.teacher_feats[self.teacher_tap]
-        s = self.adapter(inputs.student_feats[self.student_tap], t.shape[-2:])
+        s, t = self.aligned(inputs)
         return {"ifvd": ifvd_loss(s, t, inputs.target, num_classes=self.ctx.num_classes,
                                   ignore_index=self.ignore_index, mean_over=self.mean_over)}

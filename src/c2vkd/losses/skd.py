@@ -30,8 +30,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from c2vkd.losses.adapters import feature_taps, make_adapter, no_autocast, tap_shapes
-from c2vkd.losses.base import LOSSES, DistillLoss, LossContext, LossInputs
+from c2vkd.losses.adapters import AdaptedFeatureLoss, no_autocast
+from c2vkd.losses.base import LOSSES, LossContext, LossInputs
 
 log = logging.getLogger(__name__)
 _LOGGED: set[tuple] = set()
@@ -104,7 +104,7 @@ def skd_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, pool_sca
 
 
 @LOSSES.register("skd")
-class SKDLoss(DistillLoss):
+class SKDLoss(AdaptedFeatureLoss):
     """SKD pair-wise term. Args: ``weight`` (1.0), ``pool_scale`` (0.5), ``max_pairs`` (2**24),
     ``detach_norm`` (True), ``adapter`` ("none": resize only), ``student_tap``/``teacher_tap``."""
 
@@ -119,16 +119,9 @@ class SKDLoss(DistillLoss):
         self.pool_scale = None if not pool_scale else float(pool_scale)
         self.max_pairs = int(max_pairs)
         self.detach_norm = bool(detach_norm)
-        self.student_tap, self.teacher_tap = student_tap, teacher_tap
-        s_shape, t_shape = tap_shapes(ctx, student_tap, teacher_tap, "skd")
-        self.adapter = make_adapter(s_shape, t_shape, adapter)
-
-    @classmethod
-    def taps(cls, args: dict) -> tuple[list[str], list[str]]:
-        return feature_taps(args)
+        self._init_taps(ctx, student_tap, teacher_tap, adapter, "skd")
 
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
-        t = inputs.teacher_feats[self.teacher_tap]
-        s = self.adapter(inputs.student_feats[self.student_tap], t.shape[-2:])
+        s, t = self.aligned(inputs)
         return {"skd": skd_loss(s, t, pool_scale=self.pool_scale, max_pairs=self.max_pairs,
                                 detach_norm=self.detach_norm)}
