@@ -82,7 +82,7 @@ def _graph_rows(feat: torch.Tensor, eps: float, cdt: torch.dtype) -> torch.Tenso
 
 
 def patch_graph_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, eps: float = 1e-8,
-                     exact_mode: str = "gram") -> torch.Tensor:
+                     exact_mode: str = "gram", across_ranks: bool = False) -> torch.Tensor:
     """Patch-wise graph term: mean((G_T - G_S)^2) over the N x N pixel-affinity matrix G = X X^T / (C - 1).
 
     student_feat, teacher_feat: [B, C, h, w] (same shape) -> scalar. N = B*h*w counts every pixel of the
@@ -95,6 +95,13 @@ def patch_graph_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, 
     This is algebraically equal to the textbook ||A^T A||^2 - 2 ||A^T B||^2 + ||B^T B||^2, but every product
     carries the factor D, so it does not cancel catastrophically when student and teacher are close (the
     three-term form loses all float32 digits there; see tests/test_vlfd.py and benchmarks/bench_losses.py).
+
+    across_ranks=True (gram mode, under torch.distributed): the graph spans the rows of ALL processes, i.e.
+    the loss equals the single-process loss on the concatenated batch, cross-process pairs included. The
+    three C x C products are sums over rows, so they are all-reduced (one [3, C, C] collective, autograd-
+    aware) instead of gathering any N x C features. Each rank's local gradient is then world_size times its
+    share of the exact gradient, which DDP's gradient averaging turns into exactly the gradient of the
+    global loss. Without an initialised process group it is the plain loss.
     """
     if exact_mode not in ("gram", "naive"):
         raise ValueError(f"patch_graph_loss: exact_mode must be 'gram' or 'naive', got {exact_mode!r}")
@@ -108,11 +115,24 @@ def patch_graph_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, 
     a = _graph_rows(teacher_feat.detach(), eps, cdt)
     b = _graph_rows(student_feat, eps, cdt)
     n = a.shape[0]
+    distributed = across_ranks and torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
     if exact_mode == "naive":
+        if distributed:
+            raise ValueError("patch_graph_loss: across_ranks needs exact_mode='gram' (naive would gather N x C "
+                             "features and build the global N x N matrices)")
         return ((a @ a.T - b @ b.T) / (c - 1)).pow(2).mean()
     p, d = a + b, a - b
-    m = d.T @ p                                                  # [C, C]
-    sq_norm = 0.5 * ((p.T @ p) * (d.T @ d)).sum() + 0.5 * (m * m.T).sum()
+    prods = torch.stack([p.T @ p, d.T @ d, d.T @ p])            # [3, C, C], each a sum over rows
+    if distributed:
+        from torch.distributed.nn.functional import all_reduce
+
+        prods = all_reduce(prods)
+        n_t = torch.tensor([float(n)], device=prods.device, dtype=prods.dtype)
+        torch.distributed.all_reduce(n_t)
+        n = int(n_t.item())
+    pp, dd, m = prods[0], prods[1], prods[2]
+    sq_norm = 0.5 * (pp * dd).sum() + 0.5 * (m * m.T).sum()
     # divide by the N*N entries and by (C - 1)^2 from G's normalisation, in two steps (no overflow of N^2)
     return sq_norm / (c - 1) ** 2 / n / n
 
@@ -142,7 +162,8 @@ class VLFDLoss(DistillLoss):
     graph_mode 'gram' | 'naive', graph_eps, student_tap / teacher_tap (default alias 'feat'),
     clip_checkpoint (path or None), clip_arch 'RN101' | 'RN50' | None (None: inferred from the checkpoint,
     RN101 without one), allow_torchscript (for OpenAI's TorchScript .pt files; trusted files only),
-    student_through_pool (released-code variant: e_S = pool(F_S) instead of the linguistic head).
+    student_through_pool (released-code variant: e_S = pool(F_S) instead of the linguistic head),
+    graph_across_ranks (DDP: the patch graph spans the whole multi-process batch, see patch_graph_loss).
     """
 
     requires_teacher = True
@@ -153,7 +174,7 @@ class VLFDLoss(DistillLoss):
                  linguistic_direction: str = "forward", graph_mode: str = "gram", graph_eps: float = 1e-8,
                  student_tap: str = "feat", teacher_tap: str = "feat", clip_checkpoint: str | None = None,
                  clip_arch: str | None = None, allow_torchscript: bool = False,
-                 student_through_pool: bool = False) -> None:
+                 student_through_pool: bool = False, graph_across_ranks: bool = False) -> None:
         super().__init__(ctx, weight)
         self.weights = {"vlfd_global": float(weight) * float(global_weight),
                         "vlfd_patch": float(weight) * float(patch_weight),
@@ -168,6 +189,9 @@ class VLFDLoss(DistillLoss):
         self.linguistic_direction = linguistic_direction
         self.graph_mode = graph_mode
         self.graph_eps = float(graph_eps)
+        if graph_across_ranks and graph_mode != "gram":
+            raise ValueError("loss vlfd: graph_across_ranks needs graph_mode 'gram'")
+        self.graph_across_ranks = bool(graph_across_ranks)
         self.student_tap = student_tap
         self.teacher_tap = teacher_tap
         self.student_through_pool = bool(student_through_pool)
@@ -236,6 +260,7 @@ class VLFDLoss(DistillLoss):
             e_s = self.linguistic_head(s4)
         return {
             "vlfd_global": vlfd_global_loss(f_s, f_t, direction=self.global_direction),
-            "vlfd_patch": patch_graph_loss(f_s, f_t, eps=self.graph_eps, exact_mode=self.graph_mode),
+            "vlfd_patch": patch_graph_loss(f_s, f_t, eps=self.graph_eps, exact_mode=self.graph_mode,
+                                           across_ranks=self.graph_across_ranks),
             "vlfd_linguistic": linguistic_loss(e_s, e_t, direction=self.linguistic_direction),
         }
