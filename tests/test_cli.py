@@ -49,6 +49,28 @@ def test_taps_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert "toy_cnn" in capsys.readouterr().err
 
 
+def test_taps_and_info_import_user_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plugin = tmp_path / "my_models.py"
+    plugin.write_text(
+        "import torch\nfrom torch import nn\nfrom c2vkd.models import MODELS\n\n"
+        "class Tiny(nn.Module):\n"
+        "    family = 'cnn'\n    output_stride = 2\n    default_taps = {'feat': 'body'}\n"
+        "    def __init__(self, num_classes):\n        super().__init__()\n"
+        "        self.body = nn.Conv2d(3, 6, 3, stride=2, padding=1)\n        self.head = nn.Conv2d(6, num_classes, 1)\n"
+        "    def forward(self, x):\n"
+        "        return nn.functional.interpolate(self.head(self.body(x)), size=x.shape[-2:], mode='bilinear')\n\n"
+        "MODELS.add('cli_tiny_plugin', Tiny)\n")
+    assert main(["taps", "cli_tiny_plugin", "--import", str(plugin), "--input", "32x32"]) == 0
+    out = capsys.readouterr().out
+    assert "body" in out and "16" in out  # 32 / stride 2
+    assert main(["info", "cli_tiny_plugin", "--import", str(plugin), "--input", "32x32", "--runs", "1",
+                 "--num-classes", "2"]) == 0
+    # params: conv 3->6 3x3 (162 + 6) + conv 6->2 1x1 (12 + 2) = 182
+    assert "182" in capsys.readouterr().out
+    assert main(["taps", "x", "--import", str(tmp_path / "missing.py")]) == 2
+    assert "missing.py" in capsys.readouterr().err
+
+
 def test_eval_command_on_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from c2vkd.engine.weights import save_student
 

@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from c2vkd.config import ConfigError, dump_config, load_config
+from c2vkd.config import ConfigError, dump_config, import_plugins, load_config
 
 log = logging.getLogger("c2vkd")
 
@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("taps", help="list every tappable module of a model with output shape and stride")
     p.add_argument("model")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import a module (dotted name or .py path) that registers your own models first")
     p.add_argument("--input", default="512x512", help="HxW of the dummy input")
     p.add_argument("--num-classes", type=int, default=19)
 
@@ -91,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="parameters, GFLOPs and latency of a model at an input size")
     p.add_argument("model")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import a module (dotted name or .py path) that registers your own models first")
     p.add_argument("--input", default="512x512", help="HxW of the dummy input")
     p.add_argument("--num-classes", type=int, default=19)
     p.add_argument("--runs", type=int, default=10, help="timed forward passes (after warm-up)")
@@ -204,6 +208,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_taps(args: argparse.Namespace) -> int:
     from c2vkd.models import build_model, format_taps, list_taps
 
+    import_plugins(args.imports, "--import")
     model = build_model(args.model, args.num_classes)
     print(format_taps(list_taps(model, _hw(args.input)), title=f"{args.model} taps at input {args.input}"))
     return 0
@@ -245,6 +250,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from c2vkd.models.report import format_info, model_info
 
+    import_plugins(args.imports, "--import")
     info = model_info(args.model, num_classes=args.num_classes, input_hw=_hw(args.input), runs=args.runs,
                       warmup=args.warmup, batch=args.batch, device=args.device, threads=args.threads)
     print(format_info(info))
