@@ -154,7 +154,8 @@ def format_markdown(summary: dict[str, Any], *, title: str, command: str | None 
         lines += ["```", command, "```", ""]
     t = summary.get("teacher")
     if t:
-        lines += [f"Teacher ({t['name']}, not trained here): mIoU {100 * t['miou']:.2f} on {t['split']}", ""]
+        lines += [f"Teacher ({t['name']}, evaluated, not trained by this compare): "
+                  f"mIoU {100 * t['miou']:.2f} on {t['split']}", ""]
     lines += ["| method | mIoU mean | std | seeds | gain vs none | per-seed | wall time / run |",
               "|---|---:|---:|---:|---:|---|---:|"]
     for m, r in summary["methods"].items():
