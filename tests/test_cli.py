@@ -60,13 +60,18 @@ def test_taps_and_info_import_user_models(tmp_path: Path, capsys: pytest.Capture
         "    def forward(self, x):\n"
         "        return nn.functional.interpolate(self.head(self.body(x)), size=x.shape[-2:], mode='bilinear')\n\n"
         "MODELS.add('cli_tiny_plugin', Tiny)\n")
-    assert main(["taps", "cli_tiny_plugin", "--import", str(plugin), "--input", "32x32"]) == 0
-    out = capsys.readouterr().out
-    assert "body" in out and "16" in out  # 32 / stride 2
-    assert main(["info", "cli_tiny_plugin", "--import", str(plugin), "--input", "32x32", "--runs", "1",
-                 "--num-classes", "2"]) == 0
-    # params: conv 3->6 3x3 (162 + 6) + conv 6->2 1x1 (12 + 2) = 182
-    assert "182" in capsys.readouterr().out
+    from c2vkd.models import MODELS
+
+    try:
+        assert main(["taps", "cli_tiny_plugin", "--import", str(plugin), "--input", "32x32"]) == 0
+        out = capsys.readouterr().out
+        assert "body" in out and "16" in out  # 32 / stride 2
+        assert main(["info", "cli_tiny_plugin", "--import", str(plugin), "--input", "32x32", "--runs", "1",
+                     "--num-classes", "2"]) == 0
+        # params: conv 3->6 3x3 (162 + 6) + conv 6->2 1x1 (12 + 2) = 182
+        assert "182" in capsys.readouterr().out
+    finally:
+        MODELS.remove("cli_tiny_plugin")  # keep the registry as other tests expect it
     assert main(["taps", "x", "--import", str(tmp_path / "missing.py")]) == 2
     assert "missing.py" in capsys.readouterr().err
 

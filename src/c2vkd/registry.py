@@ -35,6 +35,12 @@ class Registry(Generic[T]):
     def add(self, name: str, obj: T) -> None:
         self.register(name)(obj)
 
+    def remove(self, name: str) -> T:
+        """Unregister ``name`` (plugins reloading themselves, tests cleaning up); returns the object."""
+        if name not in self._items:
+            raise KeyError(f"unknown {self.kind} {name!r}.{suggest(name, self._items)}")
+        return self._items.pop(name)
+
     def get(self, name: str) -> T:
         if name not in self._items:
             raise KeyError(
