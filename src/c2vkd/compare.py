@@ -227,11 +227,7 @@ def plot_compare(summary: dict[str, Any], run_dirs: dict[str, list[Path]], out_d
         ax.set_ylabel("IoU (%)")
         ax.set_title("Per-class IoU (mean over seeds)")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        p = out_dir / "per_class_iou.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        written.append(p)
+        written.append(_save(fig, out_dir / "per_class_iou.png"))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m, dirs in run_dirs.items():
         for k, d in enumerate(dirs):
@@ -244,12 +240,17 @@ def plot_compare(summary: dict[str, Any], run_dirs: dict[str, list[Path]], out_d
     ax.set_yscale("log")
     ax.set_title("Training curves (one line per seed)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    p = out_dir / "training_curves.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    written.append(p)
+    written.append(_save(fig, out_dir / "training_curves.png"))
     return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def run_compare(config: str | Path, methods: Sequence[str], seeds: str | int = 1, *,

@@ -29,6 +29,20 @@ log = logging.getLogger("c2vkd")
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
 
+def min_side_for_reductions(convs: list[tuple[int, int, int]], reductions: list[int]) -> int:
+    """Smallest input side for which, after each stage's patch-embedding conv ``(kernel, stride, padding)``,
+    the stage's sequence/spatial-reduction conv (kernel = stride = its ratio) still has an output position.
+    Shared by the hierarchical transformers (SegFormer MiT, PVTv2) for their clear too-small-input errors."""
+    for side in range(1, 4096):
+        h, ok = side, True
+        for (k, s, p), sr in zip(convs, reductions):
+            h = (h + 2 * p - k) // s + 1
+            ok = ok and h >= sr
+        if ok:
+            return side
+    raise RuntimeError("no valid input size below 4096 px")  # pragma: no cover
+
+
 @dataclass
 class AdaptedStateDict:
     """A checkpoint after format-specific key remapping.

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
-from c2vkd.models.base import MODELS, AdaptedStateDict, SegmentationModel
+from c2vkd.models.base import MODELS, AdaptedStateDict, SegmentationModel, min_side_for_reductions
 
 #: MiT variants (SegFormer paper Table 6 / hub configs nvidia/mit-b*). decoder_hidden_size: 256 for B0/B1,
 #: 768 for B2 and larger.
@@ -143,14 +143,8 @@ class SegFormer(SegmentationModel):
     def min_input_size(self) -> int:
         """Smallest side length for which every stage's sequence-reduction conv (kernel = stride = sr
         ratio) still has at least one output position."""
-        for side in range(1, 4096):
-            h, ok = side, True
-            for k, s, sr in zip(self.config.patch_sizes, self.config.strides, self.config.sr_ratios):
-                h = (h + 2 * (k // 2) - k) // s + 1  # overlapping patch embedding conv
-                ok = ok and h >= sr
-            if ok:
-                return side
-        raise RuntimeError("no valid input size")  # pragma: no cover
+        convs = [(k, s, k // 2) for k, s in zip(self.config.patch_sizes, self.config.strides)]  # overlapping
+        return min_side_for_reductions(convs, list(self.config.sr_ratios))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

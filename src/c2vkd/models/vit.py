@@ -32,7 +32,7 @@ from timm.models.swin_transformer import SwinTransformerBlock, window_partition,
 from torch import nn
 from torch.nn import functional as F
 
-from c2vkd.models.base import MODELS, AdaptedStateDict, SegmentationModel
+from c2vkd.models.base import MODELS, AdaptedStateDict, SegmentationModel, min_side_for_reductions
 
 log = logging.getLogger(__name__)
 
@@ -219,14 +219,7 @@ class PVTv2Seg(_TimmSegModel):
         convs = [(7, 4, 3)] + [(3, 2, 1)] * 3  # overlapping patch embeddings (kernel, stride, padding)
         srs = [1 if stage.blocks[0].attn.sr is None else stage.blocks[0].attn.sr.stride[0]
                for stage in self.encoder.stages]
-        for side in range(1, 4096):
-            h, ok = side, True
-            for (k, s, p), sr in zip(convs, srs):
-                h = (h + 2 * p - k) // s + 1
-                ok = ok and h >= sr
-            if ok:
-                return side
-        raise RuntimeError("no valid input size")  # pragma: no cover
+        return min_side_for_reductions(convs, srs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
