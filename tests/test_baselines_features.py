@@ -2,13 +2,13 @@
 independent straightforward references (mostly the authors' reference code, re-typed)."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _ref import kl_list, softmax_list
 from c2vkd.losses.adapters import make_adapter, resize_to
 from c2vkd.losses.at import ATLoss, at_loss
 from c2vkd.losses.base import LOSSES, LossContext, LossInputs
@@ -27,17 +27,6 @@ def _target(b, h, w, k, n_ignore=0):
         flat = t.view(-1)
         flat[torch.randperm(flat.numel())[:n_ignore]] = IGN
     return t
-
-
-def _softmax_list(v):
-    m = max(v)
-    e = [math.exp(a - m) for a in v]
-    s = sum(e)
-    return [a / s for a in e]
-
-
-def _kl_list(p, q):
-    return sum(a * (math.log(a) - math.log(c)) for a, c in zip(p, q) if a > 0)
 
 
 # ----------------------------------------------------------------------------------------- adapters
@@ -275,7 +264,7 @@ def _cirkd_p2r_ref_loop(fs, ft, target, k, tau, kd_t, source):
                     continue
                 ls = [float(ns[i, :, y, x] @ r) / tau / kd_t for r in rs]
                 lt = [float(nt[i, :, y, x] @ r) / tau / kd_t for r in rt]
-                vals.append(_kl_list(_softmax_list(lt), _softmax_list(ls)))
+                vals.append(kl_list(softmax_list(lt), softmax_list(ls)))
     return kd_t ** 2 * sum(vals) / max(1, len(vals))
 
 
@@ -326,7 +315,7 @@ def test_cirkd_memory_loss_matches_loop_and_empty_memory():
                 if int(tgt[i, y, x]) != IGN:
                     ls = [float(ns[i, :, y, x] @ m) / 0.1 / 2.0 for m in mem.double()]
                     lt = [float(nt[i, :, y, x] @ m) / 0.1 / 2.0 for m in mem.double()]
-                    vals.append(_kl_list(_softmax_list(lt), _softmax_list(ls)))
+                    vals.append(kl_list(softmax_list(lt), softmax_list(ls)))
     got = cirkd_memory_loss(fs, ft, tgt, mem, num_classes=k, temperature=0.1, kd_temperature=2.0, max_rows_per_chunk=5)
     assert got.item() == pytest.approx(4.0 * sum(vals) / len(vals), rel=1e-4)
     x = fs.clone().requires_grad_(True)

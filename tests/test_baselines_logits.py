@@ -1,12 +1,12 @@
 """Logit-based baseline KD losses (KD, DKD, CWD, DIST) against independent straightforward references."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from _ref import kl_list, softmax_list
 from c2vkd.losses.base import LOSSES, LossContext, LossInputs
 from c2vkd.losses.cwd import CWDLoss, cwd_loss
 from c2vkd.losses.dist import DISTLoss, dist_loss
@@ -31,17 +31,6 @@ def _pixels(b, h, w):
     return [(i, y, x) for i in range(b) for y in range(h) for x in range(w)]
 
 
-def _softmax_list(v):
-    m = max(v)
-    e = [math.exp(a - m) for a in v]
-    s = sum(e)
-    return [a / s for a in e]
-
-
-def _kl_list(p, q):
-    return sum(a * (math.log(a) - math.log(c)) for a, c in zip(p, q) if a > 0)
-
-
 # ----------------------------------------------------------------------------------------------- KD
 def _kd_ref(zs, zt, target, T):
     b, k, h, w = zs.shape
@@ -49,9 +38,9 @@ def _kd_ref(zs, zt, target, T):
     for i, y, x in _pixels(b, h, w):
         if target is not None and int(target[i, y, x]) == IGN:
             continue
-        ps = _softmax_list([float(zs[i, c, y, x]) / T for c in range(k)])
-        pt = _softmax_list([float(zt[i, c, y, x]) / T for c in range(k)])
-        vals.append(_kl_list(pt, ps))
+        ps = softmax_list([float(zs[i, c, y, x]) / T for c in range(k)])
+        pt = softmax_list([float(zt[i, c, y, x]) / T for c in range(k)])
+        vals.append(kl_list(pt, ps))
     return T * T * sum(vals) / max(1, len(vals))
 
 
@@ -73,11 +62,11 @@ def _dkd_ref_loop(zs, zt, target, alpha, beta, T, source):
         s = [float(zs[i, c, y, x]) / T for c in range(k)]
         t = [float(zt[i, c, y, x]) / T for c in range(k)]
         tc = max(range(k), key=lambda c: t[c]) if source == "teacher" else int(target[i, y, x])
-        ps, pt = _softmax_list(s), _softmax_list(t)
+        ps, pt = softmax_list(s), softmax_list(t)
         bs, bt = [ps[tc], 1 - ps[tc]], [pt[tc], 1 - pt[tc]]
         others = [c for c in range(k) if c != tc]
-        hs, ht = _softmax_list([s[c] for c in others]), _softmax_list([t[c] for c in others])
-        vals.append(alpha * _kl_list(bt, bs) + beta * _kl_list(ht, hs))
+        hs, ht = softmax_list([s[c] for c in others]), softmax_list([t[c] for c in others])
+        vals.append(alpha * kl_list(bt, bs) + beta * kl_list(ht, hs))
     return T * T * sum(vals) / max(1, len(vals))
 
 
@@ -140,9 +129,9 @@ def _cwd_ref(s, t, T):
     total = 0.0
     for i in range(b):
         for ch in range(c):
-            ps = _softmax_list([float(v) / T for v in s[i, ch].flatten()])
-            pt = _softmax_list([float(v) / T for v in t[i, ch].flatten()])
-            total += _kl_list(pt, ps)
+            ps = softmax_list([float(v) / T for v in s[i, ch].flatten()])
+            pt = softmax_list([float(v) / T for v in t[i, ch].flatten()])
+            total += kl_list(pt, ps)
     return total * T * T / (b * c)
 
 

@@ -20,15 +20,7 @@ from c2vkd.export import ExportError, export_run, load_run_student
 from c2vkd.utils.io import safe_load
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for this module: with 2 threads, OpenMP's active spin-wait makes these small
-    forwards 10-100x slower whenever the other core of the shared 2-core machine is busy (measured: 1.7 s
-    vs 0.02 s for a pvtv2_b0 forward at 96x128)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,7 @@ from c2vkd.models import MODELS, FeatureTaps, build_model, format_taps, list_tap
 from c2vkd.models.weights import WeightLoadError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for this module: with 2 threads, OpenMP's active spin-wait makes these small
-    forwards 10-100x slower whenever the other core of the shared 2-core machine is busy (measured: 1.7 s
-    vs 0.02 s for a pvtv2_b0 forward at 96x128)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 K = 4
 NEW = ["pvtv2_b0", "pvtv2_b1", "deit_tiny", "deit_small", "swin_t"]
