@@ -1,4 +1,5 @@
-"""PDD against independent per-pixel references (plain probabilities, and float64 log-space for 1e4 logits)."""
+"""PDD against independent per-pixel references (plain-Python probabilities, and plain-Python log space for 1e4
+logits: no torch in the references), and the registered module's wiring with non-default settings."""
 from __future__ import annotations
 
 import itertools
@@ -8,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _ref import kl_list, softmax_list
 from c2vkd.losses import LOSSES, LossContext, LossInputs
 from c2vkd.losses import pdd as pdd_mod
 from c2vkd.losses.pdd import PDDLoss, pdd_loss
@@ -15,57 +17,67 @@ from c2vkd.losses.pdd import PDDLoss, pdd_loss
 IGN = 255
 
 
-def _kl(p: torch.Tensor, q: torch.Tensor) -> float:
-    """KL(p || q) for probability vectors, 0 * log 0 = 0."""
-    return sum(float(pi * (math.log(pi) - math.log(qi))) for pi, qi in zip(p.tolist(), q.tolist()) if pi > 0)
+def _pixels(s, t, y, ignore):
+    """(student logits, teacher logits, target) of every non-ignored pixel, as plain Python lists."""
+    B, K, H, W = s.shape
+    sl, tl, yl = s.double().tolist(), t.double().tolist(), y.tolist()
+    for b, i, j in itertools.product(range(B), range(H), range(W)):
+        tgt = int(yl[b][i][j])
+        if tgt == ignore:
+            continue
+        yield [sl[b][k][i][j] for k in range(K)], [tl[b][k][i][j] for k in range(K)], tgt
 
 
 def ref_pdd(s, t, y, *, alpha=0.5, beta=0.5, T=1.0, w=0.5, direction="forward", nckd=True, ignore=IGN) -> float:
-    """The spec read literally: per pixel, probabilities in float64, explicit sums over k != t."""
+    """The spec read literally, per pixel in plain Python: probabilities, explicit sums over k != t."""
     total, n = 0.0, 0
-    B, K, H, W = s.shape
-    for b, i, j in itertools.product(range(B), range(H), range(W)):
-        tgt = int(y[b, i, j])
-        if tgt == ignore:
-            continue
+    for zs, zt, tgt in _pixels(s, t, y, ignore):
         n += 1
-        ps = torch.softmax(s[b, :, i, j].double() / T, 0)
-        pt = torch.softmax(t[b, :, i, j].double() / T, 0)
-        others = [k for k in range(K) if k != tgt]
-        bs = torch.stack([ps[tgt], ps[others].sum()])
-        bt = torch.stack([pt[tgt], pt[others].sum()])
-        q = (1 - w) * bt + w * torch.tensor([1.0, 0.0], dtype=torch.float64)
-        q = q / q.sum()
-        tc = _kl(q, bs) if direction == "forward" else _kl(bs, q)
-        nc = _kl(torch.softmax(t[b, others, i, j].double() / T, 0), torch.softmax(s[b, others, i, j].double() / T, 0))
+        ps = softmax_list([v / T for v in zs])
+        pt = softmax_list([v / T for v in zt])
+        others = [k for k in range(len(zs)) if k != tgt]
+        bs = [ps[tgt], sum(ps[k] for k in others)]
+        bt = [pt[tgt], sum(pt[k] for k in others)]
+        q = [(1 - w) * bt[0] + w, (1 - w) * bt[1]]
+        q = [v / sum(q) for v in q]
+        tc = kl_list(q, bs) if direction == "forward" else kl_list(bs, q)
+        nc = kl_list(softmax_list([zt[k] / T for k in others]), softmax_list([zs[k] / T for k in others]))
         total += alpha * tc + (beta * nc if nckd else 0.0)
     return T * T * total / max(n, 1)
 
 
+def _lse(v: list[float]) -> float:
+    m = max(v)
+    if m == -math.inf:
+        return -math.inf
+    return m + math.log(sum(math.exp(a - m) for a in v))
+
+
+def _log_softmax(v: list[float]) -> list[float]:
+    z = _lse(v)
+    return [a - z for a in v]
+
+
+def _kl_log(lp: list[float], lr: list[float]) -> float:
+    return sum(math.exp(a) * (a - c) for a, c in zip(lp, lr) if a > -math.inf and math.exp(a) > 0)
+
+
 def ref_pdd_logspace(s, t, y, *, alpha=0.5, beta=0.5, T=1.0, w=0.5, direction="forward", nckd=True) -> float:
-    """Same definition in float64 log space (needed when logits are 1e4: probabilities underflow to 0)."""
+    """Same definition in plain-Python log space (needed when logits are 1e4: probabilities underflow to 0)."""
     total, n = 0.0, 0
-    B, K, H, W = s.shape
-    for b, i, j in itertools.product(range(B), range(H), range(W)):
-        tgt = int(y[b, i, j])
-        if tgt == IGN:
-            continue
+    for zs, zt, tgt in _pixels(s, t, y, IGN):
         n += 1
-        others = [k for k in range(K) if k != tgt]
-        zs, zt = s[b, :, i, j].double() / T, t[b, :, i, j].double() / T
-        ls, lt = torch.log_softmax(zs, 0), torch.log_softmax(zt, 0)
-        lbs = torch.stack([ls[tgt], torch.logsumexp(ls[others], 0)])
-        lbt = torch.stack([lt[tgt], torch.logsumexp(lt[others], 0)])
+        zs, zt = [v / T for v in zs], [v / T for v in zt]
+        others = [k for k in range(len(zs)) if k != tgt]
+        ls, lt = _log_softmax(zs), _log_softmax(zt)
+        lbs = [ls[tgt], _lse([ls[k] for k in others])]
+        lbt = [lt[tgt], _lse([lt[k] for k in others])]
         l1w = math.log(1 - w) if w < 1 else -math.inf
-        lq = torch.stack([torch.logaddexp(lbt[0] + l1w, torch.tensor(math.log(w) if w > 0 else -math.inf,
-                                                                       dtype=torch.float64)), lbt[1] + l1w])
-        lq = lq - torch.logsumexp(lq, 0)
-
-        def kl_log(lp, lr):
-            return float(sum(math.exp(a) * (a - c) for a, c in zip(lp.tolist(), lr.tolist()) if math.exp(a) > 0))
-
-        tc = kl_log(lq, lbs) if direction == "forward" else kl_log(lbs, lq)
-        nc = kl_log(torch.log_softmax(zt[others], 0), torch.log_softmax(zs[others], 0))
+        lw = math.log(w) if w > 0 else -math.inf
+        lq = [_lse([lbt[0] + l1w, lw]), lbt[1] + l1w]
+        lq = _log_softmax(lq)
+        tc = _kl_log(lq, lbs) if direction == "forward" else _kl_log(lbs, lq)
+        nc = _kl_log(_log_softmax([zt[k] for k in others]), _log_softmax([zs[k] for k in others]))
         total += alpha * tc + (beta * nc if nckd else 0.0)
     return T * T * total / max(n, 1)
 
@@ -144,8 +156,8 @@ def test_low_precision_inputs(dtype, memory_efficient):
     s.requires_grad_(True)
     got = pdd_loss(s, t, y, temperature=2.0, memory_efficient=memory_efficient)
     assert got.dtype == torch.float32 and torch.isfinite(got)
-    ref = pdd_loss(s.detach().float(), t.float(), y, temperature=2.0)  # same values, upcast: computed in fp32
-    torch.testing.assert_close(got, ref)
+    ref = ref_pdd_logspace(s.detach().float(), t.float(), y, T=2.0)  # the same (rounded) values, exactly
+    assert got.item() == pytest.approx(ref, rel=1e-5)
     got.backward()
     assert s.grad.dtype == dtype and torch.isfinite(s.grad).all()
 
@@ -217,3 +229,39 @@ def test_module_registered_presets_and_forward():
         m(LossInputs(student_logits=s, target=y))
     with pytest.raises(ValueError, match="preset"):
         PDDLoss(ctx, preset="nope")
+
+
+# Module wiring: every constructor argument must reach pdd_loss. The settings are all non-default and chosen so
+# that any dropped argument (default used instead) or swapped pair (alpha <-> beta) changes the value by far more
+# than the tolerance; each case is checked against the plain-Python reference and against the pure function.
+WIRING = [
+    dict(alpha=0.8, beta=0.15, temperature=2.5, gt_mix=0.3, direction="forward", use_nckd=True),
+    dict(alpha=0.2, beta=0.9, temperature=0.7, gt_mix=0.8, direction="reverse", use_nckd=True),
+    dict(alpha=1.3, beta=0.4, temperature=3.0, gt_mix=0.0, direction="reverse", use_nckd=False),
+]
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False])
+@pytest.mark.parametrize("opts", WIRING, ids=["fwd", "rev", "rev-nonc"])
+def test_module_non_default_settings_reach_the_loss(opts, memory_efficient):
+    ign = 4  # a non-default ignore value from the LossContext: with the default 255 the label 4 would be rejected
+    s, t, y = _inputs(K=4, n_ignore=0, seed=7)
+    y.view(-1)[::5] = ign
+    ctx = LossContext(num_classes=4, ignore_index=ign)
+    m = LOSSES.get("pdd")(ctx, weight=3.0, memory_efficient=memory_efficient, **opts)
+    assert m.weights == {"pdd": 3.0}
+    got = m(LossInputs(student_logits=s, target=y, teacher_logits=t))["pdd"]
+    ref = ref_pdd(s, t, y, alpha=opts["alpha"], beta=opts["beta"], T=opts["temperature"], w=opts["gt_mix"],
+                  direction=opts["direction"], nckd=opts["use_nckd"], ignore=ign)
+    assert got.item() == pytest.approx(ref, rel=1e-5)
+    pure = pdd_loss(s, t, y, ignore_index=ign, memory_efficient=memory_efficient, **opts)
+    assert torch.equal(got, pure)
+    # the settings are distinguishable: each single change moves the reference by more than 1e-3 relative
+    base = dict(alpha=opts["alpha"], beta=opts["beta"], T=opts["temperature"], w=opts["gt_mix"],
+                direction=opts["direction"], nckd=opts["use_nckd"], ignore=ign)
+    variants = [dict(base, alpha=base["beta"], beta=base["alpha"]), dict(base, alpha=0.5), dict(base, T=1.0),
+                dict(base, w=0.5), dict(base, direction="forward" if base["direction"] == "reverse" else "reverse")]
+    if base["nckd"]:
+        variants += [dict(base, beta=0.5), dict(base, nckd=False)]
+    for v in variants:
+        assert abs(ref_pdd(s, t, y, **v) - ref) > 1e-3 * abs(ref), v

@@ -1,6 +1,7 @@
 """VLFD terms against explicit references, gram == naive graph loss, and the VLFDLoss module's wiring."""
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import math
@@ -8,43 +9,45 @@ import math
 import pytest
 import torch
 
+from _ref import kl_list, softmax_list
 from c2vkd.losses import LOSSES, LossContext, LossInputs
 from c2vkd.losses.clip_pool import ARCH_SPECS, AttentionPool2d
 from c2vkd.losses.vlfd import VLFDLoss, linguistic_loss, patch_graph_loss, vlfd_global_loss
 
 
-def _kl(p: list[float], q: list[float]) -> float:
-    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q) if a > 0)
+def _pixel_lists(f):
+    """[B, C, H, W] tensor -> list of per-pixel channel vectors (plain Python floats, float64)."""
+    B, C, H, W = f.shape
+    v = f.detach().double().tolist()
+    return [[v[b][c][i][j] for c in range(C)] for b, i, j in itertools.product(range(B), range(H), range(W))]
 
 
 def ref_global(s, t, direction="forward") -> float:
     """Per pixel: softmax over channels, KL, summed; divided by B*h*w*C (the released code's reduction)."""
-    B, C, H, W = s.shape
     total = 0.0
-    for b, i, j in itertools.product(range(B), range(H), range(W)):
-        ps = torch.softmax(s[b, :, i, j].double(), 0).tolist()
-        pt = torch.softmax(t[b, :, i, j].double(), 0).tolist()
-        total += _kl(pt, ps) if direction == "forward" else _kl(ps, pt)
-    return total / (B * C * H * W)
+    for zs, zt in zip(_pixel_lists(s), _pixel_lists(t)):
+        ps, pt = softmax_list(zs), softmax_list(zt)
+        total += kl_list(pt, ps) if direction == "forward" else kl_list(ps, pt)
+    return total / s.numel()
 
 
 def ref_linguistic(es, et, direction="forward") -> float:
     total = 0.0
-    for b in range(es.shape[0]):
-        ps, pt = torch.softmax(es[b].double(), 0).tolist(), torch.softmax(et[b].double(), 0).tolist()
-        total += _kl(pt, ps) if direction == "forward" else _kl(ps, pt)
+    for zs, zt in zip(es.detach().double().tolist(), et.detach().double().tolist()):
+        ps, pt = softmax_list(zs), softmax_list(zt)
+        total += kl_list(pt, ps) if direction == "forward" else kl_list(ps, pt)
     return total / es.numel()
 
 
 def ref_graph(s, t, eps=1e-8) -> float:
-    """Explicit N x N affinity matrices over all pixels of the batch, float64, python loops."""
+    """Explicit N x N affinity matrices over all pixels of the batch, plain Python."""
     def rows(f):
-        B, C, H, W = f.shape
         out = []
-        for b, i, j in itertools.product(range(B), range(H), range(W)):
-            x = f[b, :, i, j].double()
-            x = x / max(float(x.norm()), eps)
-            out.append(x - x.mean())
+        for x in _pixel_lists(f):
+            norm = max(math.sqrt(sum(a * a for a in x)), eps)
+            x = [a / norm for a in x]
+            mean = sum(x) / len(x)
+            out.append([a - mean for a in x])
         return out
 
     a, b = rows(t), rows(s)
@@ -52,8 +55,22 @@ def ref_graph(s, t, eps=1e-8) -> float:
     total = 0.0
     for i in range(n):
         for j in range(n):
-            total += (float(a[i] @ a[j]) / (c - 1) - float(b[i] @ b[j]) / (c - 1)) ** 2
+            ga = sum(p * q for p, q in zip(a[i], a[j])) / (c - 1)
+            gb = sum(p * q for p, q in zip(b[i], b[j])) / (c - 1)
+            total += (ga - gb) ** 2
     return total / (n * n)
+
+
+def graph_f64(s, t, eps=1e-8) -> float:
+    """The same definition vectorised in float64 (for inputs too large for Python loops): N x N matrices."""
+    def rows(f):
+        x = f.detach().double().permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+        x = x / x.norm(dim=1, keepdim=True).clamp_min(eps)
+        return x - x.mean(dim=1, keepdim=True)
+
+    a, b = rows(t), rows(s)
+    c = s.shape[1]
+    return float((((a @ a.T) - (b @ b.T)) / (c - 1)).pow(2).mean())
 
 
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
@@ -97,10 +114,12 @@ def test_graph_gram_equals_naive_in_float32(noise):
     """Including near-identical student/teacher, where a three-term expansion would cancel badly."""
     t = torch.randn(2, 256, 16, 16).relu()
     s = t + noise * torch.randn_like(t)
-    ref = patch_graph_loss(s.double(), t.double(), exact_mode="naive").item()
+    ref = graph_f64(s, t)
+    assert ref > 0
     gram = patch_graph_loss(s, t, exact_mode="gram").item()
     naive = patch_graph_loss(s, t, exact_mode="naive").item()
-    assert gram == pytest.approx(ref, rel=1e-5) and naive == pytest.approx(ref, rel=1e-5)
+    # abs=0: at noise 1e-3 the loss is ~1e-13, below pytest.approx's default absolute tolerance (1e-12)
+    assert gram == pytest.approx(ref, rel=1e-5, abs=0) and naive == pytest.approx(ref, rel=1e-5, abs=0)
 
 
 def test_graph_identical_is_zero():
@@ -198,3 +217,88 @@ def test_module_with_checkpoint(tmp_path, caplog):
 def test_module_missing_tap_suggests():
     with pytest.raises(KeyError, match="Did you mean: feat"):
         VLFDLoss(_ctx(), teacher_tap="fet")
+
+
+# ------------------------------------------------------------------------------------- module wiring
+def _small_ctx() -> LossContext:
+    return LossContext(num_classes=5, student_shapes={"s4": (2, 8, 4, 5)}, teacher_shapes={"t4": (2, 16, 6, 7)})
+
+
+def _small_inputs() -> LossInputs:
+    g = torch.Generator().manual_seed(3)
+    s4 = torch.randn(2, 8, 4, 5, generator=g)
+    ft = (torch.randn(2, 16, 6, 7, generator=g) * 2).relu()
+    return LossInputs(student_logits=torch.zeros(2, 5, 8, 8), target=torch.zeros(2, 8, 8, dtype=torch.long),
+                      student_feats={"s4": s4}, teacher_feats={"t4": ft})
+
+
+_HAS_REDUCTION = "reduction" in inspect.signature(VLFDLoss.__init__).parameters
+
+
+@pytest.mark.parametrize("gdir,ldir,through_pool,reduction", [
+    ("reverse", "forward", False, "element"), ("forward", "reverse", False, "distribution"),
+    ("reverse", "reverse", True, "distribution")])
+def test_module_non_default_settings_reach_each_term(gdir, ldir, through_pool, reduction, monkeypatch):
+    """Every option reaches its term: directions (set differently, so a swap or a dropped one changes a value),
+    graph eps, reduction, taps, weights; graph mode / across-ranks (value-invisible) through a spy."""
+    from c2vkd.losses import vlfd as vlfd_mod
+
+    if reduction != "element" and not _HAS_REDUCTION:
+        pytest.skip("VLFDLoss has no reduction option in this tree")
+    seen = []
+    real = vlfd_mod.patch_graph_loss
+
+    def spy(*a, **kw):
+        seen.append(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(vlfd_mod, "patch_graph_loss", spy)
+    eps = 2.5  # larger than some row norms of F_S: the clamp changes the graph (checked below)
+    extra = {"reduction": reduction} if reduction != "element" else {}
+    m = VLFDLoss(_small_ctx(), weight=2.0, global_weight=0.3, patch_weight=0.7, linguistic_weight=0.2,
+                 global_direction=gdir, linguistic_direction=ldir, graph_mode="naive", graph_eps=eps,
+                 student_tap="s4", teacher_tap="t4", student_through_pool=through_pool, **extra)
+    assert m.weights == pytest.approx({"vlfd_global": 0.6, "vlfd_patch": 1.4, "vlfd_linguistic": 0.4})
+    with torch.no_grad():  # larger embeddings: peaked distributions, where KL's two directions differ clearly
+        m.pool.c_proj.weight.mul_(30.0)
+        if m.linguistic_head is not None:
+            m.linguistic_head[2].weight.mul_(30.0)
+    inputs = _small_inputs()
+    out = m(inputs)
+    assert len(seen) == 1
+    assert {k: seen[0].get(k) for k in ("eps", "exact_mode", "across_ranks")} == \
+        dict(eps=eps, exact_mode="naive", across_ranks=False)
+
+    s4, ft = inputs.student_feats["s4"], inputs.teacher_feats["t4"]
+    with torch.no_grad():
+        fs = torch.nn.functional.interpolate(torch.nn.functional.conv2d(s4, m.visual_head.weight), size=(6, 7),
+                                             mode="bilinear", align_corners=False)
+        et = m.pool(ft)
+        es = m.pool(fs) if through_pool else m.linguistic_head(s4)
+    # 'distribution': KL per pixel / per sample instead of per element, graph without G's 1 / (C - 1)
+    per = {"vlfd_global": 16, "vlfd_patch": 15 ** 2, "vlfd_linguistic": es.shape[1]} \
+        if reduction == "distribution" else {"vlfd_global": 1, "vlfd_patch": 1, "vlfd_linguistic": 1}
+    exp = {"vlfd_global": ref_global(fs, ft, gdir), "vlfd_patch": ref_graph(fs, ft, eps),
+           "vlfd_linguistic": ref_linguistic(es, et, ldir)}
+    for k, v in exp.items():
+        assert out[k].item() == pytest.approx(v * per[k], rel=1e-4, abs=0), k
+    # the settings are distinguishable: the other direction / the default eps give values further off than 10x
+    # the tolerance above (KL is nearly symmetric for close distributions, hence not more)
+    flip = {"forward": "reverse", "reverse": "forward"}
+    assert abs(ref_global(fs, ft, flip[gdir]) - exp["vlfd_global"]) > 1e-3 * exp["vlfd_global"]
+    assert abs(ref_linguistic(es, et, flip[ldir]) - exp["vlfd_linguistic"]) > 1e-3 * exp["vlfd_linguistic"]
+    assert abs(ref_graph(fs, ft) - exp["vlfd_patch"]) > 1e-3 * exp["vlfd_patch"]
+
+
+def test_module_graph_across_ranks_option_reaches_the_graph(monkeypatch):
+    from c2vkd.losses import vlfd as vlfd_mod
+
+    seen = []
+    real = vlfd_mod.patch_graph_loss
+    monkeypatch.setattr(vlfd_mod, "patch_graph_loss", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    m = VLFDLoss(_small_ctx(), student_tap="s4", teacher_tap="t4", graph_across_ranks=True)
+    m(_small_inputs())
+    assert len(seen) == 1 and {k: seen[0].get(k) for k in ("eps", "exact_mode", "across_ranks")} == \
+        dict(eps=1e-8, exact_mode="gram", across_ranks=True)
+    with pytest.raises(ValueError, match="graph_across_ranks needs graph_mode 'gram'"):
+        VLFDLoss(_small_ctx(), student_tap="s4", teacher_tap="t4", graph_across_ranks=True, graph_mode="naive")

@@ -1,5 +1,5 @@
-"""VLFD patch graph across processes (gloo, 2 CPU processes): equals the single-process graph on the
-concatenated batch, and local gradients are world_size x the exact ones (DDP's averaging makes them exact)."""
+"""VLFD patch graph across processes (gloo, 2 CPU processes): equals the graph of the concatenated batch (a
+naive N x N reference written here), and local gradients are world_size x the exact ones (DDP's averaging makes them exact)."""
 from __future__ import annotations
 
 import socket
@@ -32,11 +32,22 @@ def _worker(rank: int, world: int, port: int, s: torch.Tensor, t: torch.Tensor, 
         dist.destroy_process_group()
 
 
+def naive_graph(s: torch.Tensor, t: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Reference written in the test: explicit N x N affinities over every pixel of the whole batch, float64."""
+    def rows(f: torch.Tensor) -> torch.Tensor:
+        x = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+        x = x / x.norm(dim=1, keepdim=True).clamp_min(eps)
+        return x - x.mean(dim=1, keepdim=True)
+
+    a, b = rows(t), rows(s)
+    return (((a @ a.T) - (b @ b.T)) / (s.shape[1] - 1)).pow(2).mean()
+
+
 def test_patch_graph_across_ranks_equals_concatenated_batch() -> None:
     torch.manual_seed(0)
     s, t = torch.randn(4, 6, 3, 5, dtype=torch.float64), torch.randn(4, 6, 3, 5, dtype=torch.float64)
     full_s = s.clone().requires_grad_(True)
-    full = patch_graph_loss(full_s, t)
+    full = naive_graph(full_s, t)
     full.backward()
     with mp.Manager() as manager:
         out = manager.dict()
