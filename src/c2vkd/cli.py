@@ -42,8 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the metrics as JSON here")
 
     p = sub.add_parser("compare", help="train several KD methods x seeds under one schedule; tabulate gains")
-    _add_config_args(p)
-    p.add_argument("--methods", required=True,
+    p.add_argument("config", nargs="?", default=None, help="experiment YAML (not needed with --summarize)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable), e.g. --set optim.lr=1e-4")
+    p.add_argument("--results", default=None, metavar="DIR",
+                   help="accumulate results across sessions/machines: each finished variant's record goes to "
+                        "DIR/<method>/seed<k>.json (commit it), recorded variants are skipped, and the summary "
+                        "is rebuilt from every record in DIR")
+    p.add_argument("--summarize", default=None, metavar="DIR",
+                   help="only rebuild DIR/compare.md, compare.json and plots from the records in DIR")
+    p.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)  # alias of --out
+    p.add_argument("--methods", default=None,
                    help="comma-separated method presets (configs/methods/*.yaml names or YAML paths), e.g. "
                         "none,kd,dkd,cwd,cirkd,c2vkd; 'none' is the student-without-KD reference")
     p.add_argument("--seeds", default="1", help="a count (experiment.seed, +1, ...) or a list such as 0,1,2")
@@ -172,10 +181,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from c2vkd.utils.logging import setup_logging
 
     setup_logging()
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     command = "c2vkd " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["compare"] else None
+    if args.summarize:
+        from c2vkd.compare import summarize_results
+
+        summary = summarize_results(args.summarize, command=command)
+        print(summary["markdown"])
+        print(f"written: {summary['out_dir']}/compare.md, compare.json, " + ", ".join(Path(p).name for p in summary["plots"]))
+        return 0
+    if not args.config or not args.methods:
+        raise ConfigError("c2vkd compare needs CONFIG and --methods (or --summarize DIR)")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     summary = run_compare(args.config, methods, args.seeds, overrides=args.overrides, out_dir=args.out or args.run_dir,
-                          command=command, eval_teacher=not args.no_teacher_eval)
+                          command=command, eval_teacher=not args.no_teacher_eval, results_dir=args.results)
     print(summary["markdown"])
     print(f"written: {summary['out_dir']}/compare.md, compare.json, " + ", ".join(Path(p).name for p in summary["plots"]))
     return 0

@@ -9,13 +9,29 @@ valid checkpoint (``--resume auto`` semantics). The summary goes to ``OUT/compar
 
 The claim checked (method.md section 5): gain ratio = (mIoU_C2VKD - mIoU_none) / (mIoU_best_prior - mIoU_none),
 where best prior is the baseline method (not ``none``, not a ``c2vkd*`` preset) with the highest mean mIoU.
+
+Statistics: per method the mean and sample std over seeds; the *paired* difference to ``none`` over the seeds
+both have (same seed = same initialisation, data order and augmentation) with a 95% Student-t confidence
+interval; and the gain ratio with a percentile bootstrap interval over seeds (seeds resampled with
+replacement, jointly for every method so the pairing is kept, the best prior re-chosen in every resample, so
+the interval includes the uncertainty of which baseline is best).
+
+Results that accumulate across sessions and machines (``--results DIR``): every finished variant's record
+(test metrics, per-class IoU, validation curve, the resolved config, seed, code revision, teacher checksum,
+wall time) is written to ``DIR/<method>/seed<k>.json``, meant to be committed. A rerun skips every variant
+that has a record (after checking that the record's protocol, i.e. its config less paths and names, is the
+planned one), and the summary (``DIR/compare.json``, ``compare.md``, plots) is rebuilt from *all* records in
+DIR: ``c2vkd compare --summarize DIR`` does only that.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import random
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -64,13 +80,13 @@ def is_c2vkd(method: str) -> bool:
 
 def variant_config(config: str | Path, method: str, seed: int, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Experiment config + the method's losses + overrides + seed (validated)."""
-    from c2vkd.losses import LOSSES
+    from c2vkd.engine.loss_config import needs_teacher, validate_loss_args
 
     cfg = load_config(config, list(overrides), layers=[method_file(method)])
+    validate_loss_args(cfg, source=str(config))
     cfg["experiment"]["seed"] = int(seed)
     cfg["experiment"]["name"] = f"{cfg['experiment']['name']}-{method_label(method)}-seed{seed}"
-    needs_teacher = any(LOSSES.get(e["name"]).requires_teacher for e in cfg["losses"])
-    if not needs_teacher:
+    if not needs_teacher(cfg):
         # The no-KD student must not pay for (or depend on) a teacher it never uses.
         cfg["teacher"]["name"] = None
         cfg["teacher"]["checkpoint"] = None
@@ -92,7 +108,9 @@ def run_variant(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     result = trainer.fit()
     fm = result.final_metrics or {}
     rec = {"miou": fm.get("miou"), "iou": fm.get("iou"), "split": fm.get("split"),
+           "acc": fm.get("acc"), "macc": fm.get("macc"),
            "best_val_miou": result.best_miou, "iters": trainer.total_iters,
+           "val_curve": [[h["iter"], h["miou"]] for h in result.history if "val_split" in h],
            "wall_s": time.perf_counter() - t0, "resumed": resume is not None,
            "params": sum(p.numel() for p in trainer.student.parameters())}
     if trainer.main:
@@ -106,9 +124,81 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
+# two-sided 95% Student-t quantiles t_{0.975, df}, df = 1..30 (standard table values); normal beyond
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t_quantile_975(df: int) -> float:
+    if df < 1:
+        raise ValueError("a confidence interval needs at least 2 paired values")
+    return _T975[df - 1] if df <= len(_T975) else 1.960
+
+
+def paired_difference(a: dict[int, float], b: dict[int, float]) -> dict[str, Any] | None:
+    """mean of a[s] - b[s] over the seeds both have, with a 95% t interval (None for the interval with one
+    seed). Pairing removes the between-seed variance both runs share (same init, data order, augmentation)."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    diffs = [a[s] - b[s] for s in seeds]
+    mean = statistics.fmean(diffs)
+    out: dict[str, Any] = {"mean": mean, "seeds": seeds, "ci95": None, "std": None}
+    if len(diffs) > 1:
+        sd = statistics.stdev(diffs)
+        half = t_quantile_975(len(diffs) - 1) * sd / math.sqrt(len(diffs))
+        out.update(std=sd, ci95=[mean - half, mean + half])
+    return out
+
+
+def gain_ratio(per_seed: dict[str, dict[int, float]], method: str, seeds: Sequence[int]) -> tuple[float | None, str | None]:
+    """(ratio, best prior) on the given seeds (a seed may repeat: bootstrap); None when the best prior gain
+    is <= 0 (the ratio is then meaningless) or a method lacks a seed."""
+    def mean(m: str) -> float | None:
+        vals = per_seed.get(m, {})
+        if any(s not in vals for s in seeds):
+            return None
+        return statistics.fmean([vals[s] for s in seeds])
+
+    base, ours = mean("none"), mean(method)
+    priors = {m: mean(m) for m in per_seed if m != "none" and not is_c2vkd(m)}
+    priors = {m: v for m, v in priors.items() if v is not None}
+    if base is None or ours is None or not priors:
+        return None, None
+    best = max(priors, key=lambda m: priors[m])
+    denom = priors[best] - base
+    return ((ours - base) / denom if denom > 0 else None), best
+
+
+def bootstrap_ratio_ci(per_seed: dict[str, dict[int, float]], method: str, seeds: Sequence[int], *,
+                       draws: int = 10000, seed: int = 0) -> dict[str, Any] | None:
+    """Percentile 95% bootstrap interval of the gain ratio over seeds (resampled jointly for all methods; the
+    best prior re-chosen in each resample). Resamples whose best prior gain is <= 0 have no ratio: their
+    fraction is reported, and the interval is taken over the others."""
+    if len(seeds) < 2:
+        return None
+    rng = random.Random(seed)
+    vals: list[float] = []
+    undefined = 0
+    for _ in range(draws):
+        sample = [rng.choice(list(seeds)) for _ in seeds]
+        r, _best = gain_ratio(per_seed, method, sample)
+        if r is None:
+            undefined += 1
+        else:
+            vals.append(r)
+    if not vals:
+        return {"ci95": None, "undefined_fraction": 1.0, "draws": draws}
+    vals.sort()
+    lo = vals[int(0.025 * (len(vals) - 1))]
+    hi = vals[int(math.ceil(0.975 * (len(vals) - 1)))]
+    return {"ci95": [lo, hi], "undefined_fraction": undefined / draws, "draws": draws}
+
+
 def summarize(results: dict[str, dict[int, dict[str, Any]]], class_names: list[str],
               teacher: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Per-method mean/std mIoU, gain over ``none`` and the C2VKD gain ratio (method.md section 5)."""
+    """Per-method mean/std mIoU, gain over ``none`` (mean and paired, with a 95% interval) and the C2VKD gain
+    ratio (method.md section 5) with its bootstrap interval over seeds."""
     methods: dict[str, Any] = {}
     for m, per_seed in results.items():
         mious = [r["miou"] for r in per_seed.values() if r.get("miou") is not None]
@@ -126,8 +216,11 @@ def summarize(results: dict[str, dict[int, dict[str, Any]]], class_names: list[s
     if base is None:
         summary["note"] = "no 'none' (student without KD) variant: gains are not defined"
         return summary
+    per_seed = {m: {int(s): r["miou"] for s, r in res.items() if r.get("miou") is not None}
+                for m, res in results.items()}
     for m, rec in methods.items():
         rec["gain"] = rec["miou_mean"] - base["miou_mean"]
+        rec["paired_vs_none"] = paired_difference(per_seed[m], per_seed["none"]) if m != "none" else None
     priors = {m: r for m, r in methods.items() if m != "none" and not is_c2vkd(m)}
     ratios: dict[str, Any] = {}
     if priors:
@@ -143,6 +236,9 @@ def summarize(results: dict[str, dict[int, dict[str, Any]]], class_names: list[s
                 # A ratio over a non-positive denominator is meaningless; report it as undefined.
                 ratios[m] = None
         summary["gain_ratio"] = ratios
+        common = sorted(set.intersection(*[set(v) for v in per_seed.values() if v]))
+        summary["gain_ratio_ci"] = {m: bootstrap_ratio_ci(per_seed, m, common) for m in ratios}
+        summary["ratio_seeds"] = common
         summary["claim"] = ("(mIoU_c2vkd - mIoU_none) / (mIoU_best_prior - mIoU_none) > 2 "
                             "(method.md section 5); undefined (null) when the best prior KD gain is <= 0")
     return summary
@@ -156,13 +252,24 @@ def format_markdown(summary: dict[str, Any], *, title: str, command: str | None 
     if t:
         lines += [f"Teacher ({t['name']}, evaluated, not trained by this compare): "
                   f"mIoU {100 * t['miou']:.2f} on {t['split']}", ""]
-    lines += ["| method | mIoU mean | std | seeds | gain vs none | per-seed | wall time / run |",
-              "|---|---:|---:|---:|---:|---|---:|"]
+    lines += ["| method | mIoU mean | std | seeds | gain vs none | paired diff vs none [95% CI] | per-seed | "
+              "wall time / run |",
+              "|---|---:|---:|---:|---:|---|---|---:|"]
     for m, r in summary["methods"].items():
         gain = r.get("gain")
         per_seed = ", ".join(f"{100 * v:.2f}" for v in r["miou_per_seed"].values())
+        pd = r.get("paired_vs_none")
+        if not pd:
+            paired = ""
+        elif pd["ci95"] is None:
+            paired = f"{100 * pd['mean']:+.2f} (1 seed)"
+        else:
+            lo, hi = pd["ci95"]
+            noise = " (noise)" if lo <= 0 <= hi else ""
+            paired = f"{100 * pd['mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]{noise}"
         lines.append(f"| {m} | {100 * r['miou_mean']:.2f} | {100 * r['miou_std']:.2f} | {r['seeds']} | "
-                     f"{'' if gain is None else f'{100 * gain:+.2f}'} | {per_seed} | {r['wall_s_mean']:.0f} s |")
+                     f"{'' if gain is None else f'{100 * gain:+.2f}'} | {paired} | {per_seed} | "
+                     f"{r['wall_s_mean']:.0f} s |")
     lines.append("")
     if "best_prior" in summary:
         lines.append(f"Best prior KD method: **{summary['best_prior']}** "
@@ -170,7 +277,13 @@ def format_markdown(summary: dict[str, Any], *, title: str, command: str | None 
         for m, ratio in summary.get("gain_ratio", {}).items():
             txt = "undefined (best prior gain <= 0)" if ratio is None else f"{ratio:.2f}"
             verdict = "" if ratio is None else (" (> 2: claim holds here)" if ratio > 2 else " (<= 2: claim not met here)")
-            lines.append(f"Gain ratio {m} / best prior: {txt}{verdict}.")
+            ci = (summary.get("gain_ratio_ci") or {}).get(m)
+            ci_txt = ""
+            if ci and ci.get("ci95"):
+                ci_txt = (f"; 95% bootstrap CI over seeds [{ci['ci95'][0]:.2f}, {ci['ci95'][1]:.2f}]"
+                          + (f", undefined in {100 * ci['undefined_fraction']:.0f}% of resamples"
+                             if ci["undefined_fraction"] else ""))
+            lines.append(f"Gain ratio {m} / best prior: {txt}{verdict}{ci_txt}.")
         lines.append("")
     elif "note" in summary:
         lines += [summary["note"], ""]
@@ -206,7 +319,10 @@ def _read_curve(run_dir: Path) -> tuple[list[int], list[float]]:
     return its, losses
 
 
-def plot_compare(summary: dict[str, Any], run_dirs: dict[str, list[Path]], out_dir: Path) -> list[Path]:
+def plot_compare(summary: dict[str, Any], run_dirs: dict[str, list[Path]], out_dir: Path, *,
+                 records: dict[str, dict[int, dict[str, Any]]] | None = None) -> list[Path]:
+    """per_class_iou.png; training_curves.png (from the run dirs' metrics.jsonl); with ``records``,
+    val_curves.png (validation mIoU against iteration, mean over seeds: shows whether students plateau)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -228,6 +344,21 @@ def plot_compare(summary: dict[str, Any], run_dirs: dict[str, list[Path]], out_d
         ax.set_title("Per-class IoU (mean over seeds)")
         ax.legend(fontsize=8)
         written.append(_save(fig, out_dir / "per_class_iou.png"))
+    if records:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for j, (m, per_seed) in enumerate(records.items()):
+            curves = [dict((int(i), v) for i, v in r.get("val_curve") or []) for r in per_seed.values()]
+            its = sorted(set.intersection(*[set(c) for c in curves])) if curves else []
+            if its:
+                ax.plot(its, [100 * statistics.fmean(c[i] for c in curves) for i in its], label=m,
+                        color=f"C{j % 10}", lw=1.2)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("val mIoU (%), mean over seeds")
+        ax.set_title("Validation curves")
+        ax.legend(fontsize=7, ncol=2)
+        written.append(_save(fig, out_dir / "val_curves.png"))
+    if not run_dirs:
+        return written
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m, dirs in run_dirs.items():
         for k, d in enumerate(dirs):
@@ -253,10 +384,112 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+# ------------------------------------------------------------------------------- accumulated results
+# Keys that may differ between machines and sessions without changing the experiment (paths, names, UI);
+# everything else in a record's config must equal the planned config for the record to be reused.
+RUN_LOCAL_KEYS = {("experiment", "name"), ("experiment", "output_dir"), ("experiment", "seed"), ("data", "root"),
+                  ("data", "num_workers"), ("teacher", "checkpoint"), ("teacher", "cache"), ("train", "progress"),
+                  ("train", "device")}
+
+
+def protocol_view(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config less RUN_LOCAL_KEYS: what defines the experiment."""
+    out = json.loads(json.dumps(cfg, default=str))
+    for sec, key in RUN_LOCAL_KEYS:
+        out.get(sec, {}).pop(key, None)
+    return out
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b))
+        return [d for k in keys for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [f"{prefix[:-1]}: {a!r} != {b!r}"]
+
+
+def code_revision() -> dict[str, Any]:
+    """Git commit of the package source (and whether tracked files were modified), or nulls if unknown."""
+    where = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip() != ""
+        return {"commit": sha, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def file_sha256(path: str | Path | None) -> str | None:
+    if not path or not Path(path).is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def record_path(results_dir: Path, method: str, seed: int) -> Path:
+    return results_dir / method_label(method) / f"seed{seed}.json"
+
+
+def check_record(record: dict[str, Any], cfg: dict[str, Any], path: Path, teacher_sha: str | None) -> None:
+    """Refuse to reuse a committed record made under another protocol or with another teacher."""
+    diffs = _diff(record.get("protocol"), protocol_view(cfg))
+    if diffs:
+        raise ConfigError(f"{path} was made under another protocol than the planned run ({len(diffs)} "
+                          f"differences: {'; '.join(diffs[:6])}). Use another --results folder, or delete the "
+                          "record to rerun it")
+    if record.get("teacher_sha256") != teacher_sha:
+        raise ConfigError(f"{path} was made with teacher sha256 {record.get('teacher_sha256')}, but the planned "
+                          f"teacher.checkpoint has sha256 {teacher_sha}")
+
+
+def load_records(results_dir: Path) -> dict[str, dict[int, dict[str, Any]]]:
+    """Every ``<method>/seed<k>.json`` record under results_dir, by method and seed."""
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for f in sorted(results_dir.glob("*/seed*.json")):
+        try:
+            rec = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{f} is not valid JSON ({e}); restore it from git or delete it") from None
+        out.setdefault(rec.get("method", f.parent.name), {})[int(rec["seed"])] = rec
+    return out
+
+
+def summarize_results(results_dir: str | Path, *, command: str | None = None) -> dict[str, Any]:
+    """Rebuild DIR/compare.json, compare.md and the plots from every record in DIR (no training)."""
+    rd = Path(results_dir)
+    records = load_records(rd)
+    if not records:
+        raise ConfigError(f"{rd} holds no <method>/seed<k>.json records")
+    order = ["none"] + sorted(m for m in records if m != "none" and not is_c2vkd(m)) + sorted(
+        m for m in records if is_c2vkd(m))
+    results = {m: records[m] for m in order if m in records}
+    first = next(iter(next(iter(results.values())).values()))
+    teacher = json.loads((rd / "teacher.json").read_text()) if (rd / "teacher.json").is_file() else None
+    summary = summarize(results, list(first.get("class_names") or []), teacher)
+    revisions = sorted({(r.get("code") or {}).get("commit") or "unknown" for res in results.values() for r in res.values()})
+    summary.update({"results_dir": str(rd), "command": command, "code_revisions": revisions,
+                    "protocol": first.get("protocol_name"), "split": first.get("split")})
+    atomic_write_text(rd / "compare.json", json.dumps(summary, indent=1, default=_json_default))
+    summary["markdown"] = format_markdown(summary, title=f"c2vkd compare: {rd.name} ({first.get('split')})",
+                                          command=command)
+    atomic_write_text(rd / "compare.md", summary["markdown"])
+    summary["plots"] = [str(p) for p in plot_compare(summary, {}, rd, records=results)]
+    summary["out_dir"] = str(rd)
+    return summary
+
+
 def run_compare(config: str | Path, methods: Sequence[str], seeds: str | int = 1, *,
                 overrides: Sequence[str] = (), out_dir: str | Path | None = None,
-                command: str | None = None, eval_teacher: bool = True) -> dict[str, Any]:
-    """Train every (method, seed) variant not yet finished, then write compare.json/.md and plots."""
+                command: str | None = None, eval_teacher: bool = True,
+                results_dir: str | Path | None = None) -> dict[str, Any]:
+    """Train every (method, seed) variant not yet finished, then write compare.json/.md and plots.
+
+    With ``results_dir`` every finished variant also leaves its record there (to commit), a variant with a
+    record is skipped, and the summary is rebuilt from all records in results_dir."""
     if not methods:
         raise ConfigError("--methods is empty")
     if len(set(methods)) != len(methods):
@@ -266,17 +499,28 @@ def run_compare(config: str | Path, methods: Sequence[str], seeds: str | int = 1
     out = Path(out_dir) if out_dir else Path(base["experiment"]["output_dir"]) / f"compare-{base['experiment']['name']}"
     # Resolve every variant's config before training anything, so a typo in the last method fails first.
     plan = {m: {s: variant_config(config, m, s, overrides) for s in seed_list} for m in methods}
+    rdir = Path(results_dir) if results_dir else None
+    teacher_sha = file_sha256(base["teacher"]["checkpoint"]) if rdir else None
+    if rdir:  # check every committed record against the plan before training anything
+        for m in methods:
+            for s in seed_list:
+                rp = record_path(rdir, m, s)
+                if rp.is_file():
+                    check_record(json.loads(rp.read_text()), plan[m][s], rp,
+                                 teacher_sha if plan[m][s]["teacher"]["name"] else None)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "plan.yaml", dump_config({"config": str(config), "methods": list(methods),
                                                        "seeds": seed_list, "overrides": list(overrides)}))
     split = base["eval"]["final_split"] or base["eval"]["split"]
-    teacher = _teacher_row(base, split, out) if eval_teacher else None
+    teacher = _teacher_row(base, split, rdir or out) if eval_teacher else None
     from c2vkd.data import build_dataset
 
     class_names = list(build_dataset(base["data"], split, train=False).classes)
     title = f"c2vkd compare: {base['experiment']['name']} ({split})"
 
     def write_summary(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
+        if rdir:
+            return summarize_results(rdir, command=command)
         summary = summarize({m: r for m, r in results.items() if r}, class_names, teacher)
         summary.update({"config": str(config), "seeds": seed_list, "overrides": list(overrides), "split": split,
                         "command": command})
@@ -296,13 +540,28 @@ def run_compare(config: str | Path, methods: Sequence[str], seeds: str | int = 1
             k += 1
             run_dir = out / method_label(m) / f"seed{s}"
             dirs[m].append(run_dir)
+            rp = record_path(rdir, m, s) if rdir else None
+            if rp is not None and rp.is_file():
+                log.info("compare [%d/%d] %s seed %d: recorded in %s, skipping", k, total, m, s, rp)
+                results[m][s] = json.loads(rp.read_text())
+                continue
             state = "done, skipping" if (run_dir / RESULT_FILE).is_file() else "training"
             log.info("compare [%d/%d] %s seed %d: %s (%s)", k, total, m, s, state, run_dir)
             results[m][s] = run_variant(plan[m][s], run_dir)
+            if rp is not None:
+                cfg = plan[m][s]
+                rec = {"method": method_label(m), "seed": s, **results[m][s], "class_names": class_names,
+                       "protocol_name": rdir.name, "protocol": protocol_view(cfg), "config": json.loads(
+                           json.dumps(cfg, default=str)), "code": code_revision(),
+                       "teacher_sha256": teacher_sha if cfg["teacher"]["name"] else None,
+                       "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command}
+                rp.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(rp, json.dumps(rec, indent=1, default=_json_default))
             write_summary(results)
     summary = write_summary(results)
-    summary["plots"] = [str(p) for p in plot_compare(summary, dirs, out)]
-    summary["out_dir"] = str(out)
+    if not rdir:
+        summary["plots"] = [str(p) for p in plot_compare(summary, dirs, out)]
+        summary["out_dir"] = str(out)
     return summary
 
 
@@ -312,12 +571,17 @@ def _teacher_row(base: dict[str, Any], split: str, out: Path) -> dict[str, Any] 
     if not (t["name"] and t["checkpoint"]):
         return None
     tfile = out / "teacher.json"
+    sha = file_sha256(t["checkpoint"])
     if tfile.is_file():
-        return json.loads(tfile.read_text())
+        row = json.loads(tfile.read_text())
+        if row.get("sha256") not in (None, sha):
+            raise ConfigError(f"{tfile} describes a teacher with sha256 {row['sha256']}, but teacher.checkpoint "
+                              f"{t['checkpoint']} has sha256 {sha}")
+        return row
     from c2vkd.engine.evaluation import evaluate_checkpoint
 
     tm, _, tname, _ = evaluate_checkpoint(t["checkpoint"], base, split)
-    teacher = {"name": tname, "checkpoint": str(t["checkpoint"]), "split": split, "miou": tm.miou,
+    teacher = {"name": tname, "checkpoint": str(t["checkpoint"]), "sha256": sha, "split": split, "miou": tm.miou,
                "iou": tm.to_dict()["iou"]}
     atomic_write_text(tfile, json.dumps(teacher, indent=1))
     return teacher

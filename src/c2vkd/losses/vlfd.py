@@ -5,9 +5,18 @@
 * linguistic term     -- KL between softmax(e_T), e_T = frozen CLIP attention pool(F_T), and softmax(e_S),
   e_S = linguistic head(s4) (or the same frozen pool applied to F_S: the released-code variant).
 
-Reductions follow the released code: every KL is summed and divided by the number of *elements*
-(B*h*w*C, B*D) -- PyTorch's ``kl_div(reduction='mean')`` -- not by the number of distributions, so the
-values are C (resp. D) times smaller than a per-pixel KL. That is why method.md 3.4 asks to log raw terms.
+Reductions (``reduction``):
+
+* ``'element'`` (default; the released code): every KL is summed and divided by the number of *elements*
+  (B*h*w*C, B*D) -- PyTorch's ``kl_div(reduction='mean')`` -- not by the number of distributions, so the
+  values are C (resp. D) times smaller than a per-pixel KL, and the patch term, an average of squared
+  differences of cosine-like affinities divided by (C - 1), is bounded by 4 / (C - 1)^2. With C = 512..2048
+  the three terms then reach the student with 1e-5..1e-9 of PDD's gradient (measure it: `c2vkd report`).
+* ``'distribution'``: a KL per distribution, averaged over distributions -- the global term is the per-pixel
+  channel KL averaged over the B*h*w pixels (= element x C), the linguistic term the per-sample KL averaged
+  over the B samples (= element x D) -- and the patch term without G's 1 / (C - 1) normalisation
+  (= element x (C - 1)^2, bounded by 4). The terms then have the scale of a KD loss, so their weights mean
+  what they say and do not underflow in fp16.
 """
 from __future__ import annotations
 
@@ -34,13 +43,23 @@ def _check_direction(direction: str, what: str) -> bool:
     return direction == "reverse"
 
 
-def _softmax_kl_per_element(student: torch.Tensor, teacher: torch.Tensor, dim: int, direction: str,
-                            what: str) -> torch.Tensor:
-    """sum KL(softmax_dim(target) || softmax_dim(other)) / numel, float32 (float64 stays float64).
+REDUCTIONS = ("element", "distribution")
+
+
+def _check_reduction(reduction: str, what: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"vlfd {what}: reduction must be 'element' or 'distribution', got {reduction!r}")
+
+
+def _softmax_kl(student: torch.Tensor, teacher: torch.Tensor, dim: int, direction: str, what: str,
+                reduction: str = "element") -> torch.Tensor:
+    """sum KL(softmax_dim(target) || softmax_dim(other)) / numel ('element') or / (numel / size(dim))
+    ('distribution': the mean KL per distribution), float32 (float64 stays float64).
 
     forward: target = teacher (KL(P_T || P_S)); reverse: KL(P_S || P_T). log_softmax keeps every log finite,
     so there is no 0 * log 0 case to guard. The teacher is detached."""
     reverse = _check_direction(direction, what)
+    _check_reduction(reduction, what)
     if student.shape != teacher.shape:
         raise ValueError(f"vlfd {what}: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ")
     cdt = torch.float64 if student.dtype == torch.float64 else torch.float32
@@ -50,28 +69,31 @@ def _softmax_kl_per_element(student: torch.Tensor, teacher: torch.Tensor, dim: i
         kl = ls.exp() * (ls - lt)
     else:
         kl = lt.exp() * (lt - ls)
-    return kl.sum() / student.numel()
+    count = student.numel() if reduction == "element" else student.numel() // student.shape[dim]
+    return kl.sum() / count
 
 
 def vlfd_global_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *,
-                     direction: str = "forward") -> torch.Tensor:
-    """Global visual term: per-pixel softmax over channels, KL averaged over all B*h*w*C elements.
+                     direction: str = "forward", reduction: str = "element") -> torch.Tensor:
+    """Global visual term: per-pixel softmax over channels, KL averaged over all B*h*w*C elements
+    (reduction 'element') or over the B*h*w pixels ('distribution', C times larger).
 
     student_feat (aligned F_S), teacher_feat (F_T): [B, C, h, w] -> scalar. direction 'forward' is
     KL(P_T || P_S) (released code, default), 'reverse' is KL(P_S || P_T) (the paper's formula)."""
     if student_feat.ndim != 4:
         raise ValueError(f"vlfd global: expected [B, C, h, w] features, got {tuple(student_feat.shape)}")
-    return _softmax_kl_per_element(student_feat, teacher_feat, 1, direction, "global")
+    return _softmax_kl(student_feat, teacher_feat, 1, direction, "global", reduction)
 
 
 def linguistic_loss(student_embed: torch.Tensor, teacher_embed: torch.Tensor, *,
-                    direction: str = "forward") -> torch.Tensor:
-    """Linguistic term: KL(softmax(e_T) || softmax(e_S)) averaged over B*D ('reverse': KL(S || T)).
+                    direction: str = "forward", reduction: str = "element") -> torch.Tensor:
+    """Linguistic term: KL(softmax(e_T) || softmax(e_S)) averaged over B*D ('reverse': KL(S || T)), or over
+    the B samples (reduction 'distribution', D times larger).
 
     student_embed, teacher_embed: [B, D] -> scalar."""
     if student_embed.ndim != 2:
         raise ValueError(f"vlfd linguistic: expected [B, D] embeddings, got {tuple(student_embed.shape)}")
-    return _softmax_kl_per_element(student_embed, teacher_embed, 1, direction, "linguistic")
+    return _softmax_kl(student_embed, teacher_embed, 1, direction, "linguistic", reduction)
 
 
 def _graph_rows(feat: torch.Tensor, eps: float, cdt: torch.dtype) -> torch.Tensor:
@@ -82,8 +104,12 @@ def _graph_rows(feat: torch.Tensor, eps: float, cdt: torch.dtype) -> torch.Tenso
 
 
 def patch_graph_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, eps: float = 1e-8,
-                     exact_mode: str = "gram", across_ranks: bool = False) -> torch.Tensor:
+                     exact_mode: str = "gram", across_ranks: bool = False,
+                     reduction: str = "element") -> torch.Tensor:
     """Patch-wise graph term: mean((G_T - G_S)^2) over the N x N pixel-affinity matrix G = X X^T / (C - 1).
+
+    reduction 'distribution' drops G's 1 / (C - 1) (the value is (C - 1)^2 times larger, bounded by 4 since
+    every row of X has norm <= 1); 'element' (default) is the released code's value, bounded by 4 / (C - 1)^2.
 
     student_feat, teacher_feat: [B, C, h, w] (same shape) -> scalar. N = B*h*w counts every pixel of the
     batch, cross-image pairs included. float32 compute (float64 stays float64); teacher detached.
@@ -105,12 +131,14 @@ def patch_graph_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, 
     """
     if exact_mode not in ("gram", "naive"):
         raise ValueError(f"patch_graph_loss: exact_mode must be 'gram' or 'naive', got {exact_mode!r}")
+    _check_reduction(reduction, "patch")
     if student_feat.shape != teacher_feat.shape or student_feat.ndim != 4:
         raise ValueError(f"patch_graph_loss: student {tuple(student_feat.shape)} and teacher "
                          f"{tuple(teacher_feat.shape)} must be one [B, C, h, w] shape")
     c = student_feat.shape[1]
     if c < 2:
         raise ValueError("patch_graph_loss: needs C >= 2 (G is divided by C - 1)")
+    norm = float(c - 1) if reduction == "element" else 1.0  # G's normalisation
     cdt = torch.float64 if student_feat.dtype == torch.float64 else torch.float32
     a = _graph_rows(teacher_feat.detach(), eps, cdt)
     b = _graph_rows(student_feat, eps, cdt)
@@ -121,7 +149,7 @@ def patch_graph_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, 
         if distributed:
             raise ValueError("patch_graph_loss: across_ranks needs exact_mode='gram' (naive would gather N x C "
                              "features and build the global N x N matrices)")
-        return ((a @ a.T - b @ b.T) / (c - 1)).pow(2).mean()
+        return ((a @ a.T - b @ b.T) / norm).pow(2).mean()
     p, d = a + b, a - b
     prods = torch.stack([p.T @ p, d.T @ d, d.T @ p])            # [3, C, C], each a sum over rows
     if distributed:
@@ -134,7 +162,7 @@ def patch_graph_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, 
     pp, dd, m = prods[0], prods[1], prods[2]
     sq_norm = 0.5 * (pp * dd).sum() + 0.5 * (m * m.T).sum()
     # divide by the N*N entries and by (C - 1)^2 from G's normalisation, in two steps (no overflow of N^2)
-    return sq_norm / (c - 1) ** 2 / n / n
+    return sq_norm / norm ** 2 / n / n
 
 
 # ----------------------------------------------------------------------------------------------- module
@@ -163,7 +191,8 @@ class VLFDLoss(DistillLoss):
     clip_checkpoint (path or None), clip_arch 'RN101' | 'RN50' | None (None: inferred from the checkpoint,
     RN101 without one), allow_torchscript (for OpenAI's TorchScript .pt files; trusted files only),
     student_through_pool (released-code variant: e_S = pool(F_S) instead of the linguistic head),
-    graph_across_ranks (DDP: the patch graph spans the whole multi-process batch, see patch_graph_loss).
+    graph_across_ranks (DDP: the patch graph spans the whole multi-process batch, see patch_graph_loss),
+    reduction 'element' (released code, default) | 'distribution' (see the module docstring).
     """
 
     requires_teacher = True
@@ -174,8 +203,11 @@ class VLFDLoss(DistillLoss):
                  linguistic_direction: str = "forward", graph_mode: str = "gram", graph_eps: float = 1e-8,
                  student_tap: str = "feat", teacher_tap: str = "feat", clip_checkpoint: str | None = None,
                  clip_arch: str | None = None, allow_torchscript: bool = False,
-                 student_through_pool: bool = False, graph_across_ranks: bool = False) -> None:
+                 student_through_pool: bool = False, graph_across_ranks: bool = False,
+                 reduction: str = "element") -> None:
         super().__init__(ctx, weight)
+        _check_reduction(reduction, "loss")
+        self.reduction = reduction
         self.weights = {"vlfd_global": float(weight) * float(global_weight),
                         "vlfd_patch": float(weight) * float(patch_weight),
                         "vlfd_linguistic": float(weight) * float(linguistic_weight)}
@@ -259,8 +291,9 @@ class VLFDLoss(DistillLoss):
             assert self.linguistic_head is not None
             e_s = self.linguistic_head(s4)
         return {
-            "vlfd_global": vlfd_global_loss(f_s, f_t, direction=self.global_direction),
+            "vlfd_global": vlfd_global_loss(f_s, f_t, direction=self.global_direction, reduction=self.reduction),
             "vlfd_patch": patch_graph_loss(f_s, f_t, eps=self.graph_eps, exact_mode=self.graph_mode,
-                                           across_ranks=self.graph_across_ranks),
-            "vlfd_linguistic": linguistic_loss(e_s, e_t, direction=self.linguistic_direction),
+                                           across_ranks=self.graph_across_ranks, reduction=self.reduction),
+            "vlfd_linguistic": linguistic_loss(e_s, e_t, direction=self.linguistic_direction,
+                                               reduction=self.reduction),
         }

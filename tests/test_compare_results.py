@@ -1,0 +1,111 @@
+"""`c2vkd compare --results DIR`: records that accumulate across sessions, protocol checks, paired statistics."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import _toy  # noqa: F401  (registers toy_cnn / toy_vit)
+from c2vkd import compare as cmp
+from c2vkd.cli import main
+from c2vkd.config import ConfigError
+from c2vkd.data.synthetic import write_folder
+from c2vkd.engine.weights import save_student
+from c2vkd.models import build_model
+
+
+def test_paired_difference_golden() -> None:
+    a = {0: 0.50, 1: 0.60, 2: 0.70, 5: 0.9}   # seed 5 has no partner: ignored
+    b = {0: 0.40, 1: 0.45, 2: 0.62}
+    d = cmp.paired_difference(a, b)
+    # diffs 0.10, 0.15, 0.08: mean 0.11, sample sd sqrt(0.0013), t(0.975, 2) = 4.303
+    assert d["seeds"] == [0, 1, 2]
+    assert d["mean"] == pytest.approx(0.11)
+    assert d["std"] == pytest.approx(math.sqrt(0.0013))
+    half = 4.303 * math.sqrt(0.0013) / math.sqrt(3)
+    assert d["ci95"] == pytest.approx([0.11 - half, 0.11 + half])
+    one = cmp.paired_difference({0: 0.5}, {0: 0.4})
+    assert one["ci95"] is None and one["mean"] == pytest.approx(0.1)
+
+
+def test_gain_ratio_and_bootstrap() -> None:
+    per_seed = {"none": {0: 0.30, 1: 0.31, 2: 0.32},
+                "kd": {0: 0.31, 1: 0.32, 2: 0.33},       # +0.01 on every seed
+                "c2vkd": {0: 0.33, 1: 0.34, 2: 0.35}}    # +0.03 on every seed
+    r, best = cmp.gain_ratio(per_seed, "c2vkd", [0, 1, 2])
+    assert best == "kd" and r == pytest.approx(3.0)
+    # constant paired gains: every resample gives the same ratio, so the interval collapses onto it
+    ci = cmp.bootstrap_ratio_ci(per_seed, "c2vkd", [0, 1, 2], draws=500)
+    assert ci["ci95"] == pytest.approx([3.0, 3.0]) and ci["undefined_fraction"] == 0
+    # a prior that never beats the student: no ratio in any resample
+    per_seed["kd"] = {0: 0.29, 1: 0.30, 2: 0.31}
+    assert cmp.gain_ratio(per_seed, "c2vkd", [0, 1, 2])[0] is None
+    assert cmp.bootstrap_ratio_ci(per_seed, "c2vkd", [0, 1, 2], draws=200)["undefined_fraction"] == 1.0
+    # noisy gains: the interval brackets the point estimate and is deterministic for a bootstrap seed
+    per_seed["kd"] = {0: 0.31, 1: 0.33, 2: 0.325}
+    point = cmp.gain_ratio(per_seed, "c2vkd", [0, 1, 2])[0]
+    c1 = cmp.bootstrap_ratio_ci(per_seed, "c2vkd", [0, 1, 2], draws=2000, seed=3)
+    c2 = cmp.bootstrap_ratio_ci(per_seed, "c2vkd", [0, 1, 2], draws=2000, seed=3)
+    assert c1 == c2 and c1["ci95"][0] <= point <= c1["ci95"][1] and c1["ci95"][0] < c1["ci95"][1]
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cmpres")
+    data = write_folder(root / "ds", {"train": 6, "val": 2, "test": 2}, size_hw=(32, 40))
+    torch.manual_seed(1)
+    save_student(root / "teacher.safetensors", build_model("toy_cnn", 3), "toy_cnn", 3, {}, ["a", "b", "c"])
+    cfg = root / "exp.yaml"
+    cfg.write_text(f"""
+experiment: {{name: toy, output_dir: {root / 'runs'}}}
+data: {{root: {data}, batch_size: 2, num_workers: 0,
+        train_transform: {{crop_size: [32, 32], base_size: 40}}}}
+student: {{name: toy_vit}}
+teacher: {{name: toy_cnn, checkpoint: {root / 'teacher.safetensors'}}}
+optim: {{lr: 0.01}}
+schedule: {{iters: 2, warmup_iters: 0}}
+train: {{progress: false, device: cpu, log_interval: 1, val_interval: 1}}
+""")
+    return cfg
+
+
+def test_results_accumulate_skip_and_rebuild(experiment: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    results = tmp_path / "results" / "toy-p0"
+    argv = ["compare", str(experiment), "--methods", "none,kd", "--seeds", "2", "--out", str(tmp_path / "runs"),
+            "--results", str(results)]
+    assert main(argv) == 0
+    for m in ("none", "kd"):
+        for s in (0, 1):
+            rec = json.loads((results / m / f"seed{s}.json").read_text())
+            assert rec["method"] == m and rec["seed"] == s and rec["config"]["experiment"]["seed"] == s
+            assert 0.0 <= rec["miou"] <= 1.0 and len(rec["iou"]) == 3 and rec["wall_s"] > 0
+            assert [it for it, _ in rec["val_curve"]] == [1, 2]   # val at every iteration, incl. the last
+            assert rec["code"].keys() == {"commit", "dirty"}
+            assert rec["teacher_sha256"] == (cmp.file_sha256(experiment.parent / "teacher.safetensors")
+                                             if m == "kd" else None)
+    summary = json.loads((results / "compare.json").read_text())
+    recs = {m: [json.loads((results / m / f"seed{s}.json").read_text())["miou"] for s in (0, 1)] for m in ("none", "kd")}
+    assert summary["methods"]["kd"]["paired_vs_none"]["mean"] == pytest.approx(
+        ((recs["kd"][0] - recs["none"][0]) + (recs["kd"][1] - recs["none"][1])) / 2)
+    assert (results / "val_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    # a rerun in a fresh output folder (another machine) trains nothing: the committed records are used
+    trained: list[str] = []
+    monkeypatch.setattr(cmp, "run_variant", lambda cfg, run_dir: trained.append(str(run_dir)) or {})
+    argv2 = argv[:]
+    argv2[argv2.index("--out") + 1] = str(tmp_path / "elsewhere")
+    assert main(argv2 + ["--methods", "none,kd"]) == 0
+    assert trained == []
+    # --summarize rebuilds the same numbers from the records alone
+    (results / "compare.json").unlink()
+    assert main(["compare", "--summarize", str(results)]) == 0
+    again = json.loads((results / "compare.json").read_text())
+    assert again["methods"]["kd"]["miou_mean"] == pytest.approx(summary["methods"]["kd"]["miou_mean"])
+    # a planned run under another protocol must not silently reuse them
+    with pytest.raises(ConfigError, match="optim.lr"):
+        cmp.run_compare(experiment, ["none"], 1, overrides=["optim.lr=0.5"], out_dir=tmp_path / "x",
+                        results_dir=results)
