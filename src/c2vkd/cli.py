@@ -91,12 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", action="store_true", help="also predict with teacher.checkpoint, side by side")
     p.add_argument("--alpha", type=float, default=0.5, help="colour weight of the overlays (0..1)")
 
-    p = sub.add_parser("export", help="student-only export of a run (safetensors / TorchScript / ONNX), verified")
+    p = sub.add_parser("export", help="student-only export of a run (safetensors / TorchScript / ONNX / "
+                                      "HuggingFace folder), verified")
     p.add_argument("run_dir", help="a run directory (holds config.yaml and checkpoints/)")
     p.add_argument("--checkpoint", default=None, help="checkpoint to export (default: the latest valid one)")
     p.add_argument("--format", default="safetensors",
-                   help="comma-separated: safetensors, torchscript, onnx (default: safetensors)")
-    p.add_argument("--input", default="512x512", help="HxW the TorchScript/ONNX graphs are traced and checked at")
+                   help="comma-separated: safetensors, torchscript, onnx, hf (default: safetensors); hf = a folder "
+                        "transformers' SegformerForSemanticSegmentation.from_pretrained loads, with a model card")
+    p.add_argument("--input", default=None,
+                   help="HxW the TorchScript/ONNX graphs are traced and checked at (default: the run's evaluation "
+                        "size: data.eval_transform.size, else the size of the evaluation images)")
+    p.add_argument("--dynamic", action="store_true",
+                   help="ONNX with dynamic batch, height and width (verified at two input sizes)")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export)")
     p.add_argument("--atol", type=float, default=1e-4, help="max |logit difference| accepted when verifying")
 
@@ -140,12 +146,20 @@ def _hw(text: str) -> tuple[int, int]:
     return h, w
 
 
+def _command_line(args: argparse.Namespace) -> str:
+    """The command as typed (for model cards and printed configs)."""
+    import shlex
+
+    return "c2vkd " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
+
+
 def cmd_train(args: argparse.Namespace, *, distill: bool) -> int:
+    from c2vkd.engine.loss_config import needs_teacher, validate_loss_args
     from c2vkd.engine.trainer import Trainer
-    from c2vkd.losses import LOSSES
 
     cfg = load_config(args.config, args.overrides)
-    uses_teacher = any(LOSSES.get(e["name"]).requires_teacher for e in cfg["losses"])
+    validate_loss_args(cfg, source=str(args.config))
+    uses_teacher = needs_teacher(cfg)
     if distill and not uses_teacher:
         raise ConfigError(f"{args.config}: `c2vkd distill` needs at least one distillation loss in `losses` "
                           f"(got {[e['name'] for e in cfg['losses']]}); use `c2vkd train` for supervised training")
@@ -259,8 +273,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     setup_logging()
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
-    manifest = export_run(args.run_dir, checkpoint=args.checkpoint, formats=formats, input_hw=_hw(args.input),
-                          out_dir=args.out, atol=args.atol)
+    manifest = export_run(args.run_dir, checkpoint=args.checkpoint, formats=formats,
+                          input_hw=_hw(args.input) if args.input else None, out_dir=args.out, atol=args.atol,
+                          dynamic=args.dynamic, command=_command_line(args))
     print(format_manifest(manifest))
     return 0
 
@@ -276,11 +291,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_teacher(args: argparse.Namespace) -> int:
+    from c2vkd.engine.loss_config import validate_loss_args
     from c2vkd.engine.teacher_cache import build_teacher_cache
     from c2vkd.utils.logging import setup_logging
 
     setup_logging()
     cfg = load_config(args.config, args.overrides)
+    validate_loss_args(cfg, source=str(args.config))
     index = build_teacher_cache(cfg, args.out, topk=args.topk, downsample=args.downsample, dtype=args.dtype,
                                 taps=args.taps, shard_size=args.shard_size, batch_size=args.batch_size)
     out = args.out or cfg["teacher"]["cache"]
@@ -293,7 +310,9 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         if args.command in ("train", "distill"):
             return cmd_train(args, distill=args.command == "distill")
@@ -318,7 +337,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "cache-teacher":
             return cmd_cache_teacher(args)
         if args.command == "config":
-            print(dump_config(load_config(args.config, args.overrides)), end="")
+            from c2vkd.engine.loss_config import validate_loss_args
+
+            cfg = load_config(args.config, args.overrides)
+            validate_loss_args(cfg, source=str(args.config) if args.config else "defaults")
+            print(dump_config(cfg), end="")
             return 0
     except (ConfigError, KeyError, ValueError, FileNotFoundError, RuntimeError) as e:
         # Known user-facing errors: one clear line, no traceback (set C2VKD_DEBUG=1 for one).
