@@ -19,7 +19,7 @@ from c2vkd.models.base import SegmentationModel
 
 class ToyCNN(SegmentationModel):
     family = "cnn"
-    default_taps = {"feat": "layer2", "layer1": "layer1"}
+    default_taps = {"feat": "layer2", "layer1": "layer1", "logits": "head"}
 
     def __init__(self, num_classes: int, width: int = 8) -> None:
         super().__init__(num_classes, output_stride=4)
@@ -34,7 +34,7 @@ class ToyCNN(SegmentationModel):
 
 class ToyViT(SegmentationModel):
     family = "vit"
-    default_taps = {"feat": "stage"}
+    default_taps = {"feat": "stage", "logits": "head"}
 
     def __init__(self, num_classes: int, dim: int = 12, drop: float = 0.1) -> None:
         super().__init__(num_classes, output_stride=8)

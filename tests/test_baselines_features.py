@@ -12,8 +12,8 @@ from _ref import kl_list, softmax_list
 from c2vkd.losses.adapters import make_adapter, resize_to
 from c2vkd.losses.at import ATLoss, at_loss
 from c2vkd.losses.base import LOSSES, LossContext, LossInputs
-from c2vkd.losses.cirkd import (CIRKDLoss, EmbeddingQueue, cirkd_memory_loss, cirkd_pixel_loss, cirkd_region_loss,
-                                teacher_memory_rows)
+from c2vkd.losses.cirkd import (CIRKDLoss, ClassQueues, cirkd_memory_loss, cirkd_pixel_loss, cirkd_region_loss,
+                                memory_entries)
 from c2vkd.losses.fitnet import FitNetLoss, fitnet_loss
 from c2vkd.losses.ifvd import IFVDLoss, ifvd_loss
 from c2vkd.losses.skd import SKDLoss, capped_grid, skd_loss
@@ -222,7 +222,8 @@ def _cirkd_p2p_batch_naive(fs, ft, tau):
 def test_cirkd_p2p_pair_scope_matches_authors_code(tau):
     fs, ft = torch.randn(3, 5, 7, 6), torch.randn(3, 9, 7, 6)  # odd h -> ceil-mode pooling
     for rows in (None, 1, 4):
-        got = cirkd_pixel_loss(fs, ft, temperature=tau, scope="pair", pool_size=2, max_rows_per_chunk=rows)
+        got = cirkd_pixel_loss(fs, ft, temperature=tau, scope="pair", pool_size=2, pool_mode="max", pool_min_size=0,
+                               max_rows_per_chunk=rows)
         assert got.item() == pytest.approx(_cirkd_p2p_ref_authors(fs, ft, tau), rel=1e-4)
 
 
@@ -279,27 +280,45 @@ def test_cirkd_p2r_matches_loop(source, kd_t, rows):
     assert got.item() == pytest.approx(_cirkd_p2r_ref_loop(fs, ft, tgt, k, 0.1, kd_t, source), rel=1e-4)
 
 
-def test_embedding_queue_is_fifo_ring():
-    q = EmbeddingQueue(5, 2)
-    assert q.contents().shape == (0, 2)
-    q.push(torch.arange(6.0).view(3, 2))            # rows 0, 1, 2
-    assert q.filled == 3 and q.ptr == 3
-    q.push(torch.arange(6.0, 14.0).view(4, 2))      # rows 3..6 -> 5, 6 overwrite slots 0, 1
-    assert q.filled == 5 and q.ptr == 2
-    assert q.contents()[:, 0].tolist() == [10.0, 12.0, 4.0, 6.0, 8.0]
-    q.push(torch.arange(100.0, 120.0).view(10, 2))  # more than size: keep the newest 5
-    assert sorted(q.contents()[:, 0].tolist()) == [110.0, 112.0, 114.0, 116.0, 118.0]
+def test_class_queues_pointer_rules():
+    """CIRKD's _dequeue_and_enqueue pointer rules: pixel blocks reset to 0 when they reach the end (writing the
+    last slots), regions are a ring."""
+    torch.manual_seed(0)
+    q = ClassQueues(2, 5, 2)
+    torch.testing.assert_close(q.bank.norm(dim=2), torch.ones(2, 5))   # random unit vectors at start
+    rows = torch.arange(6.0).view(3, 2)
+    q.push_block(1, rows)                                # slots 0..2 of class 1
+    assert q.ptr.tolist() == [0, 3] and torch.equal(q.bank[1, :3], rows)
+    q.push_block(1, rows[:2] + 100)                      # 3 + 2 >= 5: last 2 slots, ptr -> 0
+    assert q.ptr.tolist() == [0, 0] and torch.equal(q.bank[1, 3:], rows[:2] + 100)
+    r = ClassQueues(1, 3, 2)
+    for v in range(4):
+        r.push_block(0, torch.full((1, 2), float(v)), wrap="ring")
+    assert r.bank[0, :, 0].tolist() == [3.0, 1.0, 2.0] and int(r.ptr[0]) == 1
+    assert q.sample(torch.tensor([0, 4])).shape == (4, 2)
+    torch.testing.assert_close(q.sample(torch.tensor([0, 4]))[2:], torch.stack([q.bank[1, 0], q.bank[1, 4]]))
+    # the queues travel in state_dict (training checkpoints)
+    assert set(q.state_dict()) == {"bank", "ptr"}
 
 
-def test_embedding_queue_state_is_checkpointed():
-    """The bank and its pointers travel in state_dict (training checkpoints), so resume is exact."""
-    q = EmbeddingQueue(5, 2)
-    q.push(torch.arange(14.0).view(7, 2))
-    r = EmbeddingQueue(5, 2)
-    r.load_state_dict(q.state_dict())
-    assert r.ptr == q.ptr == 0 and r.filled == 5 and torch.equal(r.contents(), q.contents())
-    q.push(torch.ones(1, 2)); r.push(torch.ones(1, 2))
-    assert torch.equal(r.contents(), q.contents())
+def test_memory_entries_per_image_and_class():
+    k = 3
+    ft = F.normalize(torch.randn(2, 4, 3, 4), dim=1)
+    tgt = torch.tensor([[[0] * 4, [1] * 4, [IGN] * 4], [[2] * 4, [2] * 4, [IGN] * 4]])
+    torch.manual_seed(0)
+    p_meta, p_rows, r_meta, r_rows = memory_entries(ft, tgt, num_classes=k, pixels_per_class=3)
+    assert r_meta.tolist() == [[0, 0], [1, 1], [2, 5]]          # (class, block = image * K + class)
+    assert p_meta[:, 0].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    torch.testing.assert_close(r_rows[2], F.normalize(ft[1, :, :2].reshape(4, -1).mean(1), dim=0))
+    for (c, blk), row in zip(p_meta.tolist(), p_rows):          # each pixel row is a pixel of its class
+        img = blk // k
+        cand = ft[img].flatten(1).T[tgt[img].flatten() == c]
+        assert (cand - row).abs().sum(1).min() < 1e-6
+    # the reference's indexing: positions perm[:k] of the whole image (here always rows 0..k-1 of image 0)
+    torch.manual_seed(0)
+    _, ref_rows, _, _ = memory_entries(ft, tgt, num_classes=k, pixels_per_class=4, pixel_sampling="reference")
+    allpix = ft[0].flatten(1).T
+    assert all((allpix[:4] - r).abs().sum(1).min() < 1e-6 for r in ref_rows[:4])
 
 
 def test_cirkd_memory_loss_matches_loop_and_empty_memory():
@@ -324,39 +343,32 @@ def test_cirkd_memory_loss_matches_loop_and_empty_memory():
     assert empty.item() == 0.0 and x.grad is not None
 
 
-def test_teacher_memory_rows():
-    k = 3
-    ft = torch.randn(2, 4, 3, 4)
-    tgt = torch.tensor([[[0] * 4, [1] * 4, [IGN] * 4], [[2] * 4, [2] * 4, [IGN] * 4]])
-    pixels, regions = teacher_memory_rows(ft, tgt, num_classes=k, pixels_per_image=5)
-    assert pixels.shape == (10, 4) and regions.shape == (3, 4)   # regions: (0, 0), (0, 1), (1, 2)
-    torch.testing.assert_close(pixels.norm(dim=1), torch.ones(10))
-    nt = F.normalize(ft, dim=1)
-    torch.testing.assert_close(regions[2], F.normalize(nt[1, :, :2].reshape(4, -1).mean(1), dim=0))
-    # pixels are drawn from valid positions only
-    valid_rows = nt.flatten(2).transpose(1, 2)[tgt.view(2, -1) != IGN]
-    assert all((valid_rows - p).abs().sum(1).min() < 1e-6 for p in pixels)
-
-
 def test_cirkd_module_memory_bank():
     ctx = LossContext(**ODD_CTX)
-    mod = CIRKDLoss(ctx, memory_size=12, region_memory_size=4, pixels_per_image=5)
-    assert set(mod.weights) == {"cirkd_p2p", "cirkd_p2r", "cirkd_mem_p2p", "cirkd_mem_p2r"}
+    mod = CIRKDLoss(ctx, memory_size=12, region_memory_size=4, pixels_per_class=5, pixel_contrast_size=10,
+                    region_contrast_size=5)
+    assert set(mod.weights) == {"cirkd_p2p", "cirkd_mem_p2p", "cirkd_mem_p2r"}
+    assert mod.pixel_contrast_per_class == 10 // 5 + 1 and mod.region_contrast_per_class == 2
     # the queues are checkpointed with the loss heads (exact resume)
-    assert set(mod.state_dict()) == {k for k, _ in mod.named_parameters()} | {
-        f"{q}_queue.{b}" for q in ("pixel", "region") for b in ("bank", "ptr_filled")}
+    assert {f"{q}_queue.{b}" for q in ("pixel", "region") for b in ("bank", "ptr")} <= set(mod.state_dict())
+    assert mod.pixel_queue.bank.shape == (5, 12, 2048)
     fs = torch.randn(2, 256, 4, 5, requires_grad=True)
-    inputs = LossInputs(student_logits=torch.zeros(1), target=_target(2, 8, 10, 5, n_ignore=10),
+    tgt = torch.full((2, 8, 10), IGN)
+    tgt[0, :4] = 1
+    tgt[1, 4:] = 3
+    inputs = LossInputs(student_logits=torch.zeros(1), target=tgt,
                         student_feats={"feat": fs}, teacher_feats={"feat": torch.randn(2, 2048, 8, 10)})
     out = mod(inputs)
     assert set(out) == set(mod.weights)
-    assert mod.pixel_queue.filled == 10 and mod.region_queue.filled == 4
+    assert mod.pixel_queue.ptr.tolist() == [0, 5, 0, 5, 0] and mod.region_queue.ptr.tolist() == [0, 1, 0, 1, 0]
     sum(mod.weights[k] * v for k, v in out.items()).backward()
     assert fs.grad is not None and all(p.grad is not None for p in mod.parameters())
     mod(inputs)
-    assert mod.pixel_queue.filled == 12
+    assert mod.pixel_queue.ptr.tolist() == [0, 10, 0, 10, 0]
+    mod(inputs)   # 10 + 5 >= 12: the block goes to the last 5 slots and the pointer resets
+    assert mod.pixel_queue.ptr.tolist() == [0, 0, 0, 0, 0]
     with pytest.raises(ValueError):
-        CIRKDLoss(ctx, memory_size=-1)
+        CIRKDLoss(ctx, memory_size=0)
 
 
 # ---------------------------------------------------------------------------------------- FitNet / AT
@@ -447,8 +459,9 @@ def test_autocast_still_float32():
 # ---------------------------------------------------------------------------------------- modules
 ODD_CTX = dict(num_classes=5, student_shapes={"feat": (2, 256, 4, 5)}, teacher_shapes={"feat": (2, 2048, 8, 10)})
 FEAT_MODULES = [("skd", {}), ("skd", {"adapter": "conv1x1", "pool_scale": None}), ("ifvd", {}),
-                ("ifvd", {"adapter": "none"}), ("cirkd", {}), ("cirkd", {"adapter": "mlp", "scope": "batch"}),
-                ("cirkd", {"memory_size": 64, "region_memory_size": 8}),
+                ("ifvd", {"adapter": "conv1x1"}), ("cirkd", {"memory": False}),
+                ("cirkd", {"memory": False, "p2r_weight": 0.1, "adapter": "conv1x1", "scope": "batch"}),
+                ("cirkd", {"memory_size": 64, "region_memory_size": 8, "p2p_student": "adapted"}),
                 ("fitnet", {}), ("fitnet", {"adapter": "conv3x3"}), ("at", {})]
 
 
@@ -477,17 +490,21 @@ def test_feature_modules_from_odd_context(name, args):
 
 def test_cirkd_module_terms_and_weights():
     ctx = LossContext(**ODD_CTX)
-    mod = CIRKDLoss(ctx, weight=2.0, p2r_weight=0.0)
-    assert mod.weights == {"cirkd_p2p": 2.0, "cirkd_p2r": 0.0}
+    mod = CIRKDLoss(ctx, weight=2.0, memory=False)
+    assert mod.weights == {"cirkd_p2p": 2.0} and not list(mod.parameters())   # raw student: no head
     inputs = LossInputs(student_logits=torch.zeros(1), target=_target(2, 8, 10, 5),
                         student_feats={"feat": torch.randn(2, 256, 4, 5)},
                         teacher_feats={"feat": torch.randn(2, 2048, 8, 10)})
     assert set(mod(inputs)) == {"cirkd_p2p"}
-    assert set(CIRKDLoss(ctx)(inputs)) == {"cirkd_p2p", "cirkd_p2r"}
+    mem = CIRKDLoss(ctx, weight=2.0, memory_size=8, region_memory_size=4, mem_p2r_weight=0.5, p2r_weight=0.3)
+    assert mem.weights == {"cirkd_p2p": 2.0, "cirkd_p2r": 0.6, "cirkd_mem_p2p": 0.2, "cirkd_mem_p2r": 1.0}
+    assert set(mem(inputs)) == set(mem.weights)
+    with pytest.raises(ValueError, match="channel adapter"):
+        CIRKDLoss(ctx, adapter="none", memory_size=8)
     with pytest.raises(ValueError):
-        CIRKDLoss(ctx, adapter="none")
+        CIRKDLoss(ctx, scope="global", memory=False)
     with pytest.raises(ValueError):
-        CIRKDLoss(ctx, scope="global")
+        CIRKDLoss(ctx, pool_mode="median", memory=False)
 
 
 def test_feature_module_validation():

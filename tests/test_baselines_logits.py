@@ -109,7 +109,7 @@ def test_dkd_matches_mdistiller_formula():
 
 def test_dkd_teacher_source_without_target_uses_every_pixel():
     zs, zt = _logits(), _logits()
-    got = dkd_loss(zs, zt, None, temperature=2.0)
+    got = dkd_loss(zs, zt, None, temperature=2.0, target_source="teacher")
     assert got.item() == pytest.approx(_dkd_ref_loop(zs, zt, None, 1.0, 8.0, 2.0, "teacher"), rel=1e-4)
     with pytest.raises(ValueError):
         dkd_loss(zs, zt, None, target_source="gt")
@@ -244,7 +244,8 @@ ODD_CTX = dict(num_classes=5, student_shapes={"feat": (2, 256, 4, 5)}, teacher_s
 
 
 @pytest.mark.parametrize("name,args", [("kd", {"temperature": 2.0}), ("dkd", {"target_source": "gt"}),
-                                       ("dkd", {}), ("cwd", {}), ("cwd", {"on": "features"}), ("dist", {})])
+                                       ("dkd", {}), ("dkd", {"target_source": "teacher"}), ("cwd", {}),
+                                       ("cwd", {"on": "features"}), ("dist", {})])
 def test_modules_from_context(name, args):
     ctx = LossContext(**ODD_CTX)
     cls = LOSSES.get(name)
@@ -261,8 +262,9 @@ def test_modules_from_context(name, args):
     inputs = LossInputs(student_logits=zs, target=torch.randint(0, 5, (2, 16, 20)), teacher_logits=zt,
                         student_feats={"feat": fs}, teacher_feats={"feat": ft})
     out = mod(inputs)
-    assert set(out) == set(mod.weights) == {name}
-    assert mod.weights[name] == 0.5
+    term = "cwd_feat" if args.get("on") == "features" else name   # CWD on features has its own term
+    assert set(out) == set(mod.weights) == {term}
+    assert mod.weights[term] == 0.5
     total = sum(mod.weights[k] * v for k, v in out.items())
     assert torch.isfinite(total)
     total.backward()

@@ -156,7 +156,7 @@ def test_list_and_format_taps_teacher(teacher: nn.Module) -> None:
     assert "backbone.layer4" in table and "[B, 512, 8, 8]" in table and "feat" in table
     short = format_taps(list_taps(teacher, (128, 128), max_depth=1), aliased_only=True)
     assert short.splitlines()[0].split() == ["module", "alias", "shape", "stride"]
-    assert [ln.split()[0] for ln in short.splitlines()[2:]] == ["aspp", "decoder"]
+    assert [ln.split()[0] for ln in short.splitlines()[2:]] == ["aspp", "decoder", "classifier"]
 
 
 def test_list_taps_student_odd_size(student: nn.Module) -> None:

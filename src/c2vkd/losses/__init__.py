@@ -2,13 +2,15 @@
 
 Importing this package registers every built-in loss in ``LOSSES``:
 supervised ``ce``; C2VKD ``pdd`` and ``vlfd``; baselines ``kd``, ``dkd``, ``cwd``, ``skd``, ``ifvd``,
-``cirkd``, ``dist``, ``fitnet``, ``at``."""
+``cirkd``, ``dist``, ``fitnet``, ``at``, and the adversarial (holistic) term ``adv`` that SKD / IFVD / CWD
+presets add."""
 from c2vkd.losses.base import LOSSES, DistillLoss, LossContext, LossInputs, masked_mean
 from c2vkd.losses.ce import CELoss, ce_loss
 from c2vkd.losses.clip_pool import AttentionPool2d, load_clip_attnpool
 from c2vkd.losses.pdd import PDD_PRESETS, PDDLoss, pdd_loss
 from c2vkd.losses.vlfd import VLFDLoss, linguistic_loss, patch_graph_loss, vlfd_global_loss
 from c2vkd.losses.adapters import FeatureAdapter, make_adapter, resize_to
+from c2vkd.losses.adversarial import AdversarialLoss, Discriminator
 from c2vkd.losses.at import ATLoss, at_loss
 from c2vkd.losses.cirkd import CIRKDLoss, cirkd_memory_loss, cirkd_pixel_loss, cirkd_region_loss
 from c2vkd.losses.cwd import CWDLoss, cwd_loss
@@ -25,7 +27,7 @@ __all__ = [
     "AttentionPool2d", "load_clip_attnpool", "PDD_PRESETS", "PDDLoss", "pdd_loss",
     "VLFDLoss", "linguistic_loss", "patch_graph_loss", "vlfd_global_loss",
     "FeatureAdapter", "make_adapter", "resize_to",
-    "ATLoss", "at_loss", "CIRKDLoss", "cirkd_memory_loss", "cirkd_pixel_loss", "cirkd_region_loss",
+    "AdversarialLoss", "Discriminator", "ATLoss", "at_loss", "CIRKDLoss", "cirkd_memory_loss", "cirkd_pixel_loss", "cirkd_region_loss",
     "CWDLoss", "cwd_loss", "DISTLoss", "dist_loss", "DKDLoss", "dkd_loss", "FitNetLoss", "fitnet_loss",
     "IFVDLoss", "ifvd_loss", "KDLoss", "kd_loss", "SKDLoss", "skd_loss",
 ]

@@ -9,6 +9,12 @@ passed at run time (the teacher tensor's actual ``h x w``; the teacher shape fro
 :class:`~c2vkd.losses.base.LossContext` is only the fallback). Channel counts come from the context's
 dummy-forward shapes, never from hard-coded numbers.
 
+Logits position (``at``, KD / CWD / DIST / the adversarial term): ``"input"`` reads the models' outputs
+(logits bilinearly upsampled to the input size, ``LossInputs.student_logits``); ``"stride"`` reads the
+``logits`` tap of each model (its classifier's output at the model's output stride, before the final
+upsample; every registered model declares that alias, see docs/models.md), which is where the reference
+code bases (CIRKD, DIST_KD, structure_knowledge_distillation) compute these losses. See :func:`logits_pair`.
+
 Kinds:
   * ``"conv1x1"``: ``Conv2d(Cs, Ct, 1, bias=False)`` (FitNets regressor / C2VKD visual head style).
   * ``"conv3x3"``: ``Conv2d(Cs, Ct, 3, pad 1, bias=False) -> BN -> ReLU -> Conv2d(Ct, Ct, 1, bias=False)``
@@ -30,6 +36,8 @@ from torch import nn
 from c2vkd.losses.base import DistillLoss
 
 ADAPTER_KINDS = ("conv1x1", "conv3x3", "mlp", "none")
+LOGITS_AT = ("stride", "input")
+LOGITS_TAP = "logits"
 
 
 def resize_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -154,3 +162,44 @@ class AdaptedFeatureLoss(DistillLoss):
         """(adapted student feature [B, Ct, ht, wt], teacher feature [B, Ct, ht, wt])."""
         t = inputs.teacher_feats[self.teacher_tap]
         return self.adapter(inputs.student_feats[self.student_tap], t.shape[-2:]), t
+
+
+def check_logits_at(at: str, loss: str) -> str:
+    """Validate an ``at`` option (``"stride"`` or ``"input"``) with an error naming the loss."""
+    if at not in LOGITS_AT:
+        raise ValueError(f"loss {loss}: 'at' must be one of {', '.join(LOGITS_AT)}, got {at!r}")
+    return at
+
+
+def logits_taps(at: str) -> tuple[list[str], list[str]]:
+    """The ``taps`` answer of a logits loss: the ``logits`` alias on both sides with ``at="stride"``."""
+    return ([LOGITS_TAP], [LOGITS_TAP]) if at == "stride" else ([], [])
+
+
+def logits_pair(inputs, at: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(student logits, teacher logits, labels at their size) for a logits loss, both [B, K, h, w].
+
+    ``at="input"``: the models' outputs at the input size and the labels as given. ``at="stride"``: the
+    ``logits`` taps (classifier outputs before the final upsample). When the two strides differ (e.g. a
+    DeepLabV3 teacher at 1/16 and a SegFormer student at 1/4) the student's logits are resized bilinearly
+    (align_corners=False) to the teacher's h x w, as the feature adapters do: the teacher tensor (live or
+    cached) is never interpolated, and the student's gradient flows through the resize. Labels are
+    nearest-downsampled to h x w (:func:`labels_to`, as CIRKD / IFVD downsample labels)."""
+    target = inputs.target
+    if at == "input":
+        s, t = inputs.student_logits, inputs.teacher_logits
+    else:
+        for side, feats in (("student", inputs.student_feats), ("teacher", inputs.teacher_feats)):
+            if LOGITS_TAP not in feats:
+                raise KeyError(f"at: stride reads the {side}'s {LOGITS_TAP!r} tap, which this step did not "
+                               f"collect (the model needs a 'logits' alias in default_taps)")
+        s, t = inputs.student_feats[LOGITS_TAP], inputs.teacher_feats[LOGITS_TAP]
+    if t is None:
+        raise ValueError("a logits loss needs teacher logits (no teacher output in this step)")
+    if s.shape[0] != t.shape[0] or s.shape[1] != t.shape[1]:
+        raise ValueError(f"student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} differ in batch "
+                         "or class count")
+    s = resize_to(s, t.shape[-2:])
+    if target is not None:
+        target = labels_to(target, t.shape[-2:])
+    return s, t, target

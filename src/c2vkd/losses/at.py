@@ -12,6 +12,11 @@ beta/2 factor); the paper writes beta/2 * || . ||_p with p = 2 and notes beta = 
 number of elements in the attention map and batch size", which is what the element mean does.
 No channel agreement is needed, so there is no learnable adapter. Defaults: p = 2, beta = 1000,
 weight 1.0.
+Segmentation reference the preset follows: winycg/CIRKD ``losses/at.py`` ``CriterionAT.forward``:
+``(F.normalize(s.pow(2).mean(1).view(B, -1)) - F.normalize(...t...)).pow(2).mean()`` on ``outputs[-1]`` (the
+head feature before the classifier; our ``decoder`` taps), ``scripts/train_kd/train_at.sh``:
+``--lambda-at 10000`` plus pixel KD 1. The preset writes that as ``weight: 10000, beta: 2`` (beta / 2 = 1, so
+the raw term is CIRKD's criterion). The student's map is resized only when the strides differ.
 """
 from __future__ import annotations
 

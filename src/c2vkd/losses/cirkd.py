@@ -1,56 +1,64 @@
-"""Cross-image relational knowledge distillation (CIRKD), mini-batch form, with bounded memory.
+"""Cross-image relational knowledge distillation (CIRKD): mini-batch and memory relations, bounded memory.
 
 Reference: C. Yang, H. Zhou, Z. An, X. Jiang, Y. Xu, Q. Zhang, "Cross-Image Relational Knowledge
-Distillation for Semantic Segmentation", CVPR 2022 (arXiv:2204.06986); authors' code
-winycg/CIRKD (``CriterionMiniBatchCrossImagePair``, ``StudentSegContrast``).
+Distillation for Semantic Segmentation", CVPR 2022 (arXiv:2204.06986); authors' code winycg/CIRKD:
+``train_cirkd.py`` (commit 351400e^; the training loop and defaults), ``losses/cirkd_mini_batch.py``
+(``CriterionMiniBatchCrossImagePair.forward``), ``losses/cirkd_memory.py`` (``StudentSegContrast``:
+``_dequeue_and_enqueue``, ``_sample_negative``, ``contrast_sim_kd``, ``forward``). Its defaults:
+``--lambda-kd 1`` (pixel KD, the ``kd`` loss), ``--lambda-minibatch-pixel 1``, ``--lambda-memory-pixel
+0.1``, ``--lambda-memory-region 0.1``, ``--contrast-temperature 0.1``, ``--contrast-kd-temperature 1``,
+``--pixel-memory-size 20000``, ``--region-memory-size 2000``, ``--pixel-contrast-size 4096``,
+``--region-contrast-size 1024``; all terms read ``outputs[-1]``, the head's feature before the classifier
+(our ``decoder`` taps in ``methods/cirkd.yaml``).
 
 Terms (raw values returned under these names):
 
-``cirkd_p2p`` -- pixel-to-pixel relations across the whole mini-batch. Features are max-pooled
-(``pool_size`` x ``pool_size``, ceil mode; the reference code uses 2), L2-normalised over channels
-and flattened to N = B*h*w rows. With S = F F^T / tau (N x N, cross-image pairs included) the loss is
-a KL(teacher row distribution || student row distribution) averaged over rows. ``scope`` picks the
-row softmax:
-  * ``"pair"`` (default, as in the paper and the reference code): each row is split into the B
-    image blocks; the softmax runs inside each (anchor image i, contrast image j) block and the loss
-    is (1/B^2) sum_{i,j} (1/A) sum_a KL_{ij,a} (A = h*w);
+``cirkd_p2p`` (weight ``weight * p2p_weight``) -- pixel-to-pixel relations across the mini-batch, on the
+*raw* student feature (``p2p_student: raw``, as the reference: a relation compares a network with itself,
+so channel counts need not agree; the student map is resized bilinearly to the teacher's h x w when the
+strides differ) or on the projected one (``p2p_student: adapted``). Pooling: ``pool_mode`` / ``pool_size``
+/ ``pool_min_size``; the default (``avg``, 4, 256) is the reference's rule (4 x 4 average pooling, ceil
+mode, only when h and w are both >= 256; the DeepLab script's ``pooling=False`` never pools at these
+sizes either). Features are L2-normalised over channels and flattened to N = B*h*w rows. With
+S = F F^T / tau the loss is KL(teacher row distribution || student row distribution); ``scope``:
+  * ``"pair"`` (default, the reference): each row is split into the B image blocks, the softmax runs
+    inside each (anchor image i, contrast image j) block and the loss is (1/B^2) sum_{i,j} (1/A) sum_a
+    KL_{ij,a} (A = h*w; ``F.kl_div(..., reduction="batchmean")`` per block);
   * ``"batch"``: one softmax over all N columns of a row; the loss is the mean over the N rows.
-Memory: S is never materialised. Rows are processed in chunks of ``r`` rows with
-``r = min(max_rows_per_chunk, max_elements // N)`` (at least 1), so every intermediate is r x N
-(<= ``max_elements``, default 2**25 elements = 128 MiB in float32). Each row's softmax is complete
-inside its chunk, so the chunked value is exactly the unchunked one. Under autograd each chunk is
-wrapped in activation checkpointing (non-reentrant) so the backward pass also holds one chunk of
-intermediates at a time instead of all of them (i.e. N x N in total).
+Memory: S is never materialised. Rows are processed in chunks of ``r = min(max_rows_per_chunk,
+max_elements // N)`` rows (at least 1), so every intermediate is r x N (<= ``max_elements``, default 2**25
+elements = 128 MiB in float32); each row's softmax is complete inside its chunk, so the value is exact.
+Under autograd each chunk is wrapped in activation checkpointing (non-reentrant), so the backward pass also
+holds one chunk of intermediates at a time.
 
-``cirkd_p2r`` -- pixel-to-region relations. Region embeddings are class-region means of the
-L2-normalised TEACHER features per image (labels nearest-downsampled to the feature size; regions
-of classes absent from an image are masked out), re-normalised, as CIRKD builds its region memory.
-Every valid pixel's similarity to all B*K region slots (/ ``region_temperature``) gives teacher and
-student logits; the loss is kd_T^2 * mean over valid pixels of KL(softmax(t / kd_T) || softmax(s / kd_T))
-(CIRKD's ``contrast_sim_kd``). ``region_source="own"`` instead compares each network's pixels with its
-own regions. Chunked like p2p (rows x B*K). CIRKD draws regions from a memory bank of past batches;
-this in-batch variant is our adaptation.
+``cirkd_mem_p2p`` / ``cirkd_mem_p2r`` (weights ``weight * mem_p2p_weight`` / ``weight * mem_p2r_weight``,
+0.1 / 0.1; ``memory: true``, the default) -- the reference's memory terms. The student feature goes
+through the projection head (``adapter: mlp`` = the reference's conv1x1-BN-ReLU-conv1x1 ``project_head``,
+C_S -> C_T), is L2-normalised and resized to the teacher's h x w; the teacher feature is L2-normalised.
+Per-class FIFO queues of teacher embeddings (:class:`ClassQueues`, buffers [K, M, C_T], initialised with
+random unit vectors as the reference): per image and present class, ``pixels_per_class`` (16, the
+reference's ``pixel_update_freq``) random pixels of that class go to the pixel queue (``memory_size``
+slots per class, 20000) and the normalised class mean to the region queue (``region_memory_size`` per class,
+2000), with the reference's pointer rules (a pixel block that would run past the end overwrites the last
+slots and resets the pointer). Each step first enqueues the current batch, then draws one random index set
+of ``pixel_contrast_size // K + 1`` (resp. ``region_contrast_size // K + 1``) slots, the same for every
+class, and contrasts every valid pixel with the K x n sampled embeddings: logits f . m / tau for the
+teacher and the student pixel, loss = kd_T^2 * mean over valid pixels of KL(softmax(t / kd_T) ||
+softmax(s / kd_T)) (``contrast_sim_kd``). Chunked like p2p.
+Deviations: the reference's pixel enqueue indexes the image's first positions with a permutation of the
+class's pixel *count* (``this_feat[:, perm[:K]]``), so its "class-c pixels" are arbitrary pixels of the
+image; we enqueue pixels of the class (``pixel_sampling: class``; ``pixel_sampling: reference`` reproduces
+the reference's indexing). Under DDP the reference wraps the criterion in DDP, which broadcasts rank 0's
+queues every step; here each rank samples its own pixels and every rank enqueues the rows gathered from all
+ranks (``utils.dist.all_gather_rows``), so the queues are identical everywhere. BatchNorm instead of
+SyncBatchNorm in the projection head (``student.sync_bn`` converts the student only). The queues are
+buffers, so they are saved in training checkpoints (exact resume). At the reference sizes they are large
+(K x 22000 x C_T floats: 225 MB for K = 11, C_T = 256); CPU recipes shrink ``memory_size`` /
+``region_memory_size`` explicitly.
 
-``cirkd_mem_p2p`` / ``cirkd_mem_p2r`` -- optional memory-bank variant (off by default:
-``memory_size: 0``). A simplified version of CIRKD's ``StudentSegContrast``: FIFO
-queues of past L2-normalised TEACHER pixel embeddings (``pixels_per_image`` random valid pixels per
-image per step, ``memory_size`` entries) and teacher class-region embeddings (one per class present
-per image, ``region_memory_size`` entries). Each step first enqueues the current batch (as CIRKD
-does), then every valid pixel's similarity to all filled queue entries (/ ``region_temperature``)
-gives teacher and student logits and the same KL as ``cirkd_p2r`` (chunked, same budget).
-Simplifications vs. the reference: one queue per kind instead of one per class, the whole filled
-queue is the contrast set (no per-step subsampling), queues start empty (not random). The queues are
-saved in training checkpoints (exact resume) and, under DDP, every rank enqueues the rows gathered from
-all ranks, so the banks stay identical across processes.
-
-Student adapter: 1x1 conv C_S -> C_T (sized from the loss context) then bilinear resize to the
-teacher's h x w (``adapter: mlp`` = CIRKD's conv-BN-ReLU-conv projection head). It is used by both
-terms (the reference code's mini-batch term uses the raw student feature; relations compare a network
-with itself, so either works).
-
-Defaults (CIRKD's training-script defaults, recalled offline): tau = 0.1 (``contrast_temperature``),
-kd_T = 1.0 (``contrast_kd_temperature``), p2p weight 1.0 (``lambda_minibatch_pixel``), region weight
-0.1 (the memory-region weight, applied here to the in-batch region term -- our choice).
+``cirkd_p2r`` (weight ``weight * p2r_weight``, default 0 = off) -- our in-batch pixel-to-region variant
+(region embeddings from the current batch instead of the memory; ``region_source`` teacher | own), kept
+as an option; the reference has no such term.
 """
 from __future__ import annotations
 
@@ -62,14 +70,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from c2vkd.losses.adapters import AdaptedFeatureLoss, labels_to, no_autocast
+from c2vkd.losses.adapters import AdaptedFeatureLoss, labels_to, no_autocast, resize_to, tap_shapes
 from c2vkd.losses.base import LOSSES, LossContext, LossInputs, masked_mean
+from c2vkd.utils import dist as dist_utils
 from c2vkd.utils.dist import all_gather_rows
 
 log = logging.getLogger(__name__)
 _LOGGED: set[tuple] = set()
 DEFAULT_MAX_ELEMENTS = 2 ** 25
 SCOPES = ("pair", "batch")
+POOL_MODES = ("max", "avg")
+PIXEL_SAMPLING = ("class", "reference")
 _ABSENT = -1e9  # logit bias for masked region slots: exp() underflows to exactly 0 in float32
 
 
@@ -133,9 +144,22 @@ def _pixels(feat: torch.Tensor) -> torch.Tensor:
     return feat.flatten(2).transpose(1, 2).reshape(-1, feat.shape[1])
 
 
+def relation_pool(x: torch.Tensor, mode: str, size: int, min_size: int = 0) -> torch.Tensor:
+    """Pool [B, C, h, w] with kernel = stride = ``size`` (ceil mode; ``mode`` "max" or "avg") when
+    ``size > 1`` and both h and w are >= ``min_size``; otherwise return ``x``."""
+    if mode not in POOL_MODES:
+        raise ValueError(f"cirkd: pool_mode must be one of {POOL_MODES}, got {mode!r}")
+    if not size or size <= 1 or min(x.shape[-2:]) < int(min_size):
+        return x
+    if mode == "max":
+        return F.max_pool2d(x, size, size, ceil_mode=True)
+    return F.avg_pool2d(x, size, size, ceil_mode=True)
+
+
 def cirkd_pixel_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, temperature: float = 0.1,
-                     scope: str = "pair", pool_size: int = 2, max_elements: int = DEFAULT_MAX_ELEMENTS,
-                     max_rows_per_chunk: int | None = None, use_checkpoint: bool = True) -> torch.Tensor:
+                     scope: str = "pair", pool_size: int = 4, max_elements: int = DEFAULT_MAX_ELEMENTS,
+                     max_rows_per_chunk: int | None = None, use_checkpoint: bool = True,
+                     pool_mode: str = "avg", pool_min_size: int = 256) -> torch.Tensor:
     """CIRKD pixel-to-pixel cross-image relation distillation over the mini-batch.
 
     student_feat: [B, Cs, h, w]; teacher_feat: [B, Ct, h, w] (same B, h, w). Peak intermediate size is
@@ -148,9 +172,8 @@ def cirkd_pixel_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, 
     with no_autocast(student_feat):
         s = student_feat.float()
         t = teacher_feat.detach().float()
-        if pool_size and pool_size > 1:
-            s = F.max_pool2d(s, pool_size, pool_size, ceil_mode=True)
-            t = F.max_pool2d(t, pool_size, pool_size, ceil_mode=True)
+        s = relation_pool(s, pool_mode, pool_size, pool_min_size)
+        t = relation_pool(t, pool_mode, pool_size, pool_min_size)
         b = t.shape[0]
         fs = _pixels(F.normalize(s, dim=1))
         ft = _pixels(F.normalize(t, dim=1))
@@ -233,140 +256,197 @@ def cirkd_memory_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, ta
         return (kd_temperature ** 2) * masked_mean(kl, valid)
 
 
-class EmbeddingQueue(nn.Module):
-    """A FIFO ring buffer of ``size`` embeddings of dimension ``dim``.
+class ClassQueues(nn.Module):
+    """Per-class FIFO queues of unit embeddings: ``bank`` [K, size, dim] and ``ptr`` [K] (buffers, so they
+    are checkpointed), initialised with random unit vectors as CIRKD's ``StudentSegContrast``."""
 
-    The bank and its pointers are persistent buffers, so they are saved in training checkpoints and a
-    resumed run continues with the same memory (exact resume). Under DDP every rank enqueues the rows of
-    all ranks (gathered), so all banks stay identical, as in CIRKD's distributed queue."""
-
-    def __init__(self, size: int, dim: int) -> None:
+    def __init__(self, num_classes: int, size: int, dim: int) -> None:
         super().__init__()
         self.size = int(size)
-        self.register_buffer("bank", torch.zeros(self.size, int(dim)))
-        self.register_buffer("ptr_filled", torch.zeros(2, dtype=torch.long))
-
-    @property
-    def ptr(self) -> int:
-        return int(self.ptr_filled[0])
-
-    @property
-    def filled(self) -> int:
-        return int(self.ptr_filled[1])
+        self.register_buffer("bank", F.normalize(torch.randn(int(num_classes), self.size, int(dim)), dim=2))
+        self.register_buffer("ptr", torch.zeros(int(num_classes), dtype=torch.long))
 
     @torch.no_grad()
-    def push(self, rows: torch.Tensor) -> None:
-        """Append rows [n, dim] (the newest ``size`` of them when n > size), overwriting the oldest."""
-        rows = all_gather_rows(rows.detach().to(self.bank.dtype))[-self.size:]
+    def push_block(self, cls: int, rows: torch.Tensor, *, wrap: str = "block") -> None:
+        """Write ``rows`` [n, dim] into class ``cls``'s queue at its pointer.
+
+        ``wrap="block"`` (CIRKD's pixel queue): if ptr + n >= size the rows go to the last n slots and the
+        pointer resets to 0, else to ptr..ptr+n and ptr += n. ``wrap="ring"`` (the region queue, n = 1 per
+        call in CIRKD): slot (ptr + i) % size, ptr = (ptr + n) % size."""
         n = rows.shape[0]
         if n == 0:
             return
-        ptr = self.ptr
-        idx = (ptr + torch.arange(n, device=self.bank.device)) % self.size
-        self.bank[idx] = rows.to(self.bank.device)
-        self.ptr_filled[0] = (ptr + n) % self.size
-        self.ptr_filled[1] = min(self.size, self.filled + n)
+        rows = rows[-self.size:].to(self.bank.dtype)
+        n = rows.shape[0]
+        p = int(self.ptr[cls])
+        if wrap == "ring":
+            idx = (p + torch.arange(n, device=self.bank.device)) % self.size
+            self.bank[cls, idx] = rows
+            self.ptr[cls] = (p + n) % self.size
+        elif p + n >= self.size:
+            self.bank[cls, self.size - n:] = rows
+            self.ptr[cls] = 0
+        else:
+            self.bank[cls, p:p + n] = rows
+            self.ptr[cls] = (p + n) % self.size
 
-    def contents(self) -> torch.Tensor:
-        return self.bank[: self.filled]
+    def sample(self, index: torch.Tensor) -> torch.Tensor:
+        """The embeddings at slot ``index`` [n] of every class, class-major: [K * n, dim] (``_sample_negative``)."""
+        return self.bank[:, index.to(self.bank.device)].reshape(-1, self.bank.shape[2])
 
 
 @torch.no_grad()
-def teacher_memory_rows(teacher_feat: torch.Tensor, target: torch.Tensor, *, num_classes: int,
-                        pixels_per_image: int, ignore_index: int = 255,
-                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """What one step enqueues: (pixel rows [<= B*pixels_per_image, C], region rows [#present, C]).
+def memory_entries(teacher_feat_n: torch.Tensor, labels: torch.Tensor, *, num_classes: int, pixels_per_class: int,
+                   pixel_sampling: str = "class") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What one step enqueues, per image and present class (ascending class id, as ``torch.unique``).
 
-    Pixel rows: L2-normalised teacher features at ``pixels_per_image`` random valid pixels per image
-    (fewer if an image has fewer). Region rows: per image and present class, the normalised mean of
-    the normalised teacher features (as :func:`region_embeddings`)."""
-    b, c, h, w = teacher_feat.shape
-    ft = F.normalize(teacher_feat.detach().float(), dim=1).flatten(2)          # [B, C, n]
-    lab = labels_to(target, (h, w)).reshape(b, -1)
-    valid = (lab != ignore_index) & (lab >= 0) & (lab < num_classes)
-    pix = []
+    teacher_feat_n: [B, C, h, w] L2-normalised teacher features; labels [B, h, w] long (invalid = outside
+    [0, K)). Returns (pixel_meta [P, 2] long (class, block id), pixel_rows [P, C], region_meta [R, 2] long
+    (class, block id), region_rows [R, C]). A pixel block holds up to ``pixels_per_class`` random pixels of the
+    class (``pixel_sampling="reference"``: positions ``perm[:k]`` of the whole image, see the module doc),
+    normalised again; a region row is the normalised mean of the class's normalised features. Uses the
+    global (CPU) RNG for the permutations, as the reference."""
+    b, c = teacher_feat_n.shape[:2]
+    feats = teacher_feat_n.flatten(2)                                        # [B, C, n]
+    lab = labels.reshape(b, -1)
+    p_meta, p_rows, r_meta, r_rows = [], [], [], []
     for i in range(b):
-        idx = valid[i].nonzero().squeeze(1)
-        if idx.numel() == 0:
-            continue
-        pick = torch.randperm(idx.numel(), generator=generator, device="cpu")[:pixels_per_image]
-        pix.append(ft[i][:, idx[pick.to(idx.device)]].T)
-    pixels = torch.cat(pix) if pix else ft.new_zeros(0, c)
-    onehot = (F.one_hot(torch.where(valid, lab, torch.zeros_like(lab)), num_classes) * valid[..., None])
-    regions, present = region_embeddings(ft, onehot.transpose(1, 2).float())
-    return pixels, regions[present]
+        for cls in torch.unique(lab[i]).tolist():
+            if cls < 0 or cls >= num_classes:
+                continue
+            idx = (lab[i] == cls).nonzero().squeeze(1)
+            block = i * num_classes + cls
+            r_rows.append(F.normalize(feats[i][:, idx].mean(dim=1), dim=0)[None])
+            r_meta.append((cls, block))
+            perm = torch.randperm(idx.numel())[:pixels_per_class].to(idx.device)
+            pick = idx[perm] if pixel_sampling == "class" else perm
+            p_rows.append(F.normalize(feats[i][:, pick].T, dim=1))
+            p_meta += [(cls, block)] * pick.numel()
+    dev = teacher_feat_n.device
+
+    def pack(meta, rows):
+        if not rows:
+            return torch.zeros(0, 2, dtype=torch.long, device=dev), teacher_feat_n.new_zeros(0, c)
+        return torch.tensor(meta, dtype=torch.long, device=dev), torch.cat(rows).float()
+
+    return (*pack(p_meta, p_rows), *pack(r_meta, r_rows))
+
+
+def _push_gathered(queue: ClassQueues, meta: torch.Tensor, rows: torch.Tensor, wrap: str) -> None:
+    """Gather (meta, rows) from every rank (rank order; block ids made unique per rank) and push block by
+    block, so every rank's queue receives the same writes in the same order."""
+    world, rank = dist_utils.world_size(), dist_utils.rank()
+    if world > 1:
+        meta = meta.clone()
+        meta[:, 1] += rank * 10 ** 9
+        meta = all_gather_rows(meta)
+        rows = all_gather_rows(rows)
+    if meta.shape[0] == 0:
+        return
+    starts = [0] + [j for j in range(1, meta.shape[0]) if int(meta[j, 1]) != int(meta[j - 1, 1])] + [meta.shape[0]]
+    for a, z in zip(starts[:-1], starts[1:]):
+        queue.push_block(int(meta[a, 0]), rows[a:z], wrap=wrap)
 
 
 @LOSSES.register("cirkd")
 class CIRKDLoss(AdaptedFeatureLoss):
-    """CIRKD. Terms ``cirkd_p2p`` (weight * p2p_weight), ``cirkd_p2r`` (weight * p2r_weight) and, with
-    ``memory_size > 0``, ``cirkd_mem_p2p`` / ``cirkd_mem_p2r`` (weight * mem_p2p_weight /
-    weight * mem_p2r_weight); a term with weight 0 is not computed (its queue is still filled).
+    """CIRKD. Terms ``cirkd_p2p`` (weight * p2p_weight), with ``memory`` ``cirkd_mem_p2p`` / ``cirkd_mem_p2r``
+    (weight * mem_p2p_weight / weight * mem_p2r_weight), and ``cirkd_p2r`` (weight * p2r_weight, our
+    in-batch variant, off by default); a term with weight 0 is not computed (the queues are still filled).
 
-    Args: ``weight`` (1.0), ``p2p_weight`` (1.0), ``p2r_weight`` (0.1), ``temperature`` (0.1),
-    ``scope`` ("pair"), ``pool_size`` (2), ``region_temperature`` (0.1), ``region_kd_temperature``
-    (1.0), ``region_source`` ("teacher"), ``max_elements`` (2**25), ``max_rows_per_chunk`` (None),
-    ``adapter`` ("conv1x1"), ``student_tap`` / ``teacher_tap`` ("feat"); memory bank: ``memory_size``
-    (0 = off), ``region_memory_size`` (2000), ``pixels_per_image`` (64), ``mem_p2p_weight`` (0.1),
-    ``mem_p2r_weight`` (0.1)."""
+    Args: ``weight`` (1.0), ``p2p_weight`` (1.0), ``temperature`` (0.1), ``scope`` ("pair"), ``pool_mode``
+    ("avg"), ``pool_size`` (4), ``pool_min_size`` (256), ``p2p_student`` ("raw" | "adapted"), ``memory``
+    (True), ``memory_size`` (20000 per class), ``region_memory_size`` (2000 per class),
+    ``pixel_contrast_size`` (4096), ``region_contrast_size`` (1024), ``pixels_per_class`` (16),
+    ``pixel_sampling`` ("class" | "reference"), ``mem_p2p_weight`` (0.1), ``mem_p2r_weight`` (0.1),
+    ``region_temperature`` (0.1, the memory/region relations' tau), ``region_kd_temperature`` (1.0),
+    ``p2r_weight`` (0), ``region_source`` ("teacher"), ``adapter`` ("mlp", the projection head),
+    ``max_elements`` (2**25), ``max_rows_per_chunk`` (None), ``student_tap`` / ``teacher_tap`` ("feat")."""
 
     registry_name = "cirkd"
 
-    def __init__(self, ctx: LossContext, weight: float = 1.0, p2p_weight: float = 1.0, p2r_weight: float = 0.1,
-                 temperature: float = 0.1, scope: str = "pair", pool_size: int = 2,
+    def __init__(self, ctx: LossContext, weight: float = 1.0, p2p_weight: float = 1.0, p2r_weight: float = 0.0,
+                 temperature: float = 0.1, scope: str = "pair", pool_size: int = 4, pool_mode: str = "avg",
+                 pool_min_size: int = 256, p2p_student: str = "raw",
                  region_temperature: float = 0.1, region_kd_temperature: float = 1.0,
                  region_source: str = "teacher", max_elements: int = DEFAULT_MAX_ELEMENTS,
-                 max_rows_per_chunk: int | None = None, adapter: str = "conv1x1",
-                 student_tap: str = "feat", teacher_tap: str = "feat", memory_size: int = 0,
-                 region_memory_size: int = 2000, pixels_per_image: int = 64, mem_p2p_weight: float = 0.1,
-                 mem_p2r_weight: float = 0.1) -> None:
+                 max_rows_per_chunk: int | None = None, adapter: str = "mlp",
+                 student_tap: str = "feat", teacher_tap: str = "feat", memory: bool = True,
+                 memory_size: int = 20000, region_memory_size: int = 2000, pixel_contrast_size: int = 4096,
+                 region_contrast_size: int = 1024, pixels_per_class: int = 16, pixel_sampling: str = "class",
+                 mem_p2p_weight: float = 0.1, mem_p2r_weight: float = 0.1) -> None:
         super().__init__(ctx, weight)
         if scope not in SCOPES:
             raise ValueError(f"loss cirkd: scope must be one of {SCOPES}, got {scope!r}")
+        if pool_mode not in POOL_MODES:
+            raise ValueError(f"loss cirkd: pool_mode must be one of {POOL_MODES}, got {pool_mode!r}")
+        if p2p_student not in ("raw", "adapted"):
+            raise ValueError(f"loss cirkd: p2p_student must be 'raw' or 'adapted', got {p2p_student!r}")
+        if pixel_sampling not in PIXEL_SAMPLING:
+            raise ValueError(f"loss cirkd: pixel_sampling must be one of {PIXEL_SAMPLING}, got {pixel_sampling!r}")
         if region_source not in ("teacher", "own"):
             raise ValueError(f"loss cirkd: region_source must be 'teacher' or 'own', got {region_source!r}")
-        if region_source == "teacher" and adapter == "none" and p2r_weight:
-            raise ValueError("loss cirkd: region_source 'teacher' compares student pixels with teacher "
-                             "regions, so it needs a channel adapter")
         for name, v in (("temperature", temperature), ("region_temperature", region_temperature),
                         ("region_kd_temperature", region_kd_temperature)):
             if v <= 0:
                 raise ValueError(f"loss cirkd: {name} must be > 0, got {v}")
         if int(max_elements) < 1:
             raise ValueError(f"loss cirkd: max_elements must be >= 1, got {max_elements}")
-        if int(memory_size) < 0 or (int(memory_size) > 0 and (int(region_memory_size) < 1
-                                                               or int(pixels_per_image) < 1)):
-            raise ValueError("loss cirkd: memory_size must be >= 0; with a memory, region_memory_size and "
-                             "pixels_per_image must be >= 1")
-        if int(memory_size) > 0 and adapter == "none":
-            raise ValueError("loss cirkd: the memory terms compare student pixels with teacher embeddings, "
-                             "so they need a channel adapter")
-        self.weights = {"cirkd_p2p": float(weight) * float(p2p_weight),
-                        "cirkd_p2r": float(weight) * float(p2r_weight)}
-        self.pixel_queue: EmbeddingQueue | None = None
-        self.region_queue: EmbeddingQueue | None = None
-        self.temperature, self.scope, self.pool_size = float(temperature), scope, int(pool_size)
+        memory = bool(memory)
+        if memory and min(int(memory_size), int(region_memory_size), int(pixel_contrast_size),
+                          int(region_contrast_size), int(pixels_per_class)) < 1:
+            raise ValueError("loss cirkd: with memory: true, memory_size, region_memory_size, pixel_contrast_size, "
+                             "region_contrast_size and pixels_per_class must all be >= 1")
+        s_shape, t_shape = tap_shapes(ctx, student_tap, teacher_tap, "cirkd")
+        needs_head = memory or (p2r_weight and region_source == "teacher") or p2p_student == "adapted"
+        if needs_head and adapter == "none" and s_shape[1] != t_shape[1]:
+            raise ValueError(f"loss cirkd: the memory / region terms compare student pixels with teacher "
+                             f"embeddings; student {s_shape[1]} and teacher {t_shape[1]} channels differ, so they "
+                             "need a channel adapter (not 'none')")
+        self.weights = {"cirkd_p2p": float(weight) * float(p2p_weight)}
+        if p2r_weight:
+            self.weights["cirkd_p2r"] = float(weight) * float(p2r_weight)
+        self.temperature, self.scope = float(temperature), scope
+        self.pool_mode, self.pool_size, self.pool_min_size = pool_mode, int(pool_size), int(pool_min_size)
+        self.p2p_student = p2p_student
         self.region_temperature = float(region_temperature)
         self.region_kd_temperature = float(region_kd_temperature)
         self.region_source = region_source
         self.max_elements = int(max_elements)
         self.max_rows_per_chunk = None if max_rows_per_chunk is None else int(max_rows_per_chunk)
-        s_shape, t_shape = self._init_taps(ctx, student_tap, teacher_tap, adapter, "cirkd")
-        self.pixels_per_image = int(pixels_per_image)
-        if int(memory_size) > 0:
+        # the projection head only exists when a term uses it (an unused head would break DDP)
+        self._init_taps(ctx, student_tap, teacher_tap, adapter if needs_head else "none", "cirkd")
+        self.pixels_per_class = int(pixels_per_class)
+        self.pixel_sampling = pixel_sampling
+        self.pixel_queue: ClassQueues | None = None
+        self.region_queue: ClassQueues | None = None
+        k = int(ctx.num_classes)
+        self.pixel_contrast_per_class = int(pixel_contrast_size) // k + 1   # as train_cirkd.py passes it
+        self.region_contrast_per_class = int(region_contrast_size) // k + 1
+        if memory:
             self.weights["cirkd_mem_p2p"] = float(weight) * float(mem_p2p_weight)
             self.weights["cirkd_mem_p2r"] = float(weight) * float(mem_p2r_weight)
-            self.pixel_queue = EmbeddingQueue(int(memory_size), t_shape[1])
-            self.region_queue = EmbeddingQueue(int(region_memory_size), t_shape[1])
+            self.pixel_queue = ClassQueues(k, int(memory_size), int(t_shape[1]))
+            self.region_queue = ClassQueues(k, int(region_memory_size), int(t_shape[1]))
+
+    def _contrast(self, s: torch.Tensor, t: torch.Tensor, target: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+        return cirkd_memory_loss(s, t, target, bank, num_classes=self.ctx.num_classes,
+                                 temperature=self.region_temperature, kd_temperature=self.region_kd_temperature,
+                                 ignore_index=self.ignore_index, max_elements=self.max_elements,
+                                 max_rows_per_chunk=self.max_rows_per_chunk)
 
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
-        s, t = self.aligned(inputs)
+        t = inputs.teacher_feats[self.teacher_tap]
+        raw = inputs.student_feats[self.student_tap]
+        s = self.adapter(raw, t.shape[-2:])
         out: dict[str, torch.Tensor] = {}
         if self.weights["cirkd_p2p"] != 0:
-            out["cirkd_p2p"] = cirkd_pixel_loss(s, t, temperature=self.temperature, scope=self.scope,
-                                                pool_size=self.pool_size, max_elements=self.max_elements,
+            s_p2p = s if self.p2p_student == "adapted" else resize_to(raw, t.shape[-2:])
+            out["cirkd_p2p"] = cirkd_pixel_loss(s_p2p, t, temperature=self.temperature, scope=self.scope,
+                                                pool_size=self.pool_size, pool_mode=self.pool_mode,
+                                                pool_min_size=self.pool_min_size, max_elements=self.max_elements,
                                                 max_rows_per_chunk=self.max_rows_per_chunk)
-        if self.weights["cirkd_p2r"] != 0:
+        if self.weights.get("cirkd_p2r", 0) != 0:
             out["cirkd_p2r"] = cirkd_region_loss(s, t, inputs.target, num_classes=self.ctx.num_classes,
                                                  temperature=self.region_temperature,
                                                  kd_temperature=self.region_kd_temperature,
@@ -374,17 +454,21 @@ class CIRKDLoss(AdaptedFeatureLoss):
                                                  max_elements=self.max_elements,
                                                  max_rows_per_chunk=self.max_rows_per_chunk)
         if self.pixel_queue is not None and self.region_queue is not None:
-            pixels, regions = teacher_memory_rows(t, inputs.target, num_classes=self.ctx.num_classes,
-                                                  pixels_per_image=self.pixels_per_image,
-                                                  ignore_index=self.ignore_index)
-            self.pixel_queue.push(pixels)
-            self.region_queue.push(regions)
-            for term, queue in (("cirkd_mem_p2p", self.pixel_queue), ("cirkd_mem_p2r", self.region_queue)):
-                if self.weights[term] != 0:
-                    out[term] = cirkd_memory_loss(s, t, inputs.target, queue.contents(),
-                                                  num_classes=self.ctx.num_classes,
-                                                  temperature=self.region_temperature,
-                                                  kd_temperature=self.region_kd_temperature,
-                                                  ignore_index=self.ignore_index, max_elements=self.max_elements,
-                                                  max_rows_per_chunk=self.max_rows_per_chunk)
+            lab = labels_to(inputs.target, t.shape[-2:])
+            with torch.no_grad():
+                t_n = F.normalize(t.detach().float(), dim=1)
+                p_meta, p_rows, r_meta, r_rows = memory_entries(
+                    t_n, lab, num_classes=self.ctx.num_classes, pixels_per_class=self.pixels_per_class,
+                    pixel_sampling=self.pixel_sampling)
+                _push_gathered(self.pixel_queue, p_meta, p_rows, "block")
+                _push_gathered(self.region_queue, r_meta, r_rows, "ring")
+                # one random slot set for all classes, as _sample_negative (global CPU RNG)
+                pix_idx = torch.randperm(self.pixel_queue.size)[: self.pixel_contrast_per_class]
+                reg_idx = torch.randperm(self.region_queue.size)[: self.region_contrast_per_class]
+                pix_bank = self.pixel_queue.sample(pix_idx)
+                reg_bank = self.region_queue.sample(reg_idx)
+            if self.weights["cirkd_mem_p2p"] != 0:
+                out["cirkd_mem_p2p"] = self._contrast(s, t, inputs.target, pix_bank)
+            if self.weights["cirkd_mem_p2r"] != 0:
+                out["cirkd_mem_p2r"] = self._contrast(s, t, inputs.target, reg_bank)
         return out

@@ -1,8 +1,11 @@
 """DIST: knowledge distillation from a stronger teacher via correlation (relation) matching.
 
 Reference: T. Huang, S. You, F. Wang, C. Qian, C. Xu, "Knowledge Distillation from A Stronger
-Teacher", NeurIPS 2022 (arXiv:2205.10536); reference code hunto/DIST_KD (``DIST`` in
-``losses/dist_kd.py``).
+Teacher", NeurIPS 2022 (arXiv:2205.10536); reference code hunto/DIST_KD, segmentation part:
+``segmentation/losses/dist_kd.py`` (``DIST.forward``, ``pearson_correlation``) called from
+``segmentation/train_kd.py`` as ``lambda_kd * DIST()(s_outputs[0], t_outputs[0])`` with lambda_kd = 1,
+beta = gamma = 1 and no temperature (tau = 1), on ``outputs[0]``: the logits at the output stride before the
+final upsample, over all pixels (no label masking).
 
 With Y = softmax(z / tau) over classes, every pixel is one "sample" (the reference code reshapes
 [B, K, H, W] logits to [B*H*W, K] for dense prediction):
@@ -14,15 +17,16 @@ With Y = softmax(z / tau) over classes, every pixel is one "sample" (the referen
 Pearson(a, b) = <a - mean a, b - mean b> / (||a - mean a|| * ||b - mean b|| + 1e-8), as in the reference
 code. Our addition: pixels labelled ``ignore_index`` are excluded from both relations (the intra-class
 means and sums run over valid pixels only); with no valid pixel the loss is 0 with a gradient path.
-Defaults: beta = gamma = tau = 1 (the reference code's defaults; tau = 1 is, to our recollection,
-the paper's semantic-segmentation setting -- not re-checked offline), weight 1.0.
+Defaults: beta = gamma = tau = 1 (the segmentation reference's values), weight 1.0. ``at``: ``"stride"``
+(the reference's resolution, ``logits`` taps, see :func:`~c2vkd.losses.adapters.logits_pair`) or
+``"input"`` (module default, unchanged behaviour; the preset uses the stride and ``mask_ignore: false``).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from c2vkd.losses.adapters import check_same_shape, no_autocast
+from c2vkd.losses.adapters import check_logits_at, check_same_shape, logits_pair, logits_taps, no_autocast
 from c2vkd.losses.base import LOSSES, DistillLoss, LossContext, LossInputs, masked_mean
 
 _EPS = 1e-8
@@ -71,19 +75,25 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target
 @LOSSES.register("dist")
 class DISTLoss(DistillLoss):
     """DIST on logits. Args: ``weight`` (1.0), ``beta`` (1.0), ``gamma`` (1.0), ``temperature`` (1.0),
-    ``mask_ignore`` (True)."""
+    ``mask_ignore`` (True), ``at`` ("input" | "stride")."""
 
     registry_name = "dist"
 
     def __init__(self, ctx: LossContext, weight: float = 1.0, beta: float = 1.0, gamma: float = 1.0,
-                 temperature: float = 1.0, mask_ignore: bool = True) -> None:
+                 temperature: float = 1.0, mask_ignore: bool = True, at: str = "input") -> None:
         super().__init__(ctx, weight)
         if temperature <= 0:
             raise ValueError(f"loss dist: temperature must be > 0, got {temperature}")
         self.beta, self.gamma, self.temperature = float(beta), float(gamma), float(temperature)
         self.mask_ignore = bool(mask_ignore)
+        self.at = check_logits_at(at, "dist")
+
+    @classmethod
+    def taps(cls, args: dict) -> tuple[list[str], list[str]]:
+        return logits_taps(str(args.get("at", "input")))
 
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
-        target = inputs.target if self.mask_ignore else None
-        return {"dist": dist_loss(inputs.student_logits, inputs.teacher_logits, target, beta=self.beta,
+        s, t, target = logits_pair(inputs, self.at)
+        target = target if self.mask_ignore else None
+        return {"dist": dist_loss(s, t, target, beta=self.beta,
                                   gamma=self.gamma, temperature=self.temperature, ignore_index=self.ignore_index)}

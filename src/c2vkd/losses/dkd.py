@@ -8,20 +8,25 @@ For each pixel with target class t and p = softmax(z / T) over the K classes:
   * NCKD = KL(p^_T || p^_S) on the non-target distribution p^ = softmax over the classes k != t
     (the target logit masked out);
   * DKD  = T^2 * mean over pixels of (alpha * TCKD + beta * NCKD).
-mdistiller reduces with a sum over samples divided by the batch size (= a per-sample mean); here the
-"samples" are pixels, so the mean is over (valid) pixels.
+mdistiller (``mdistiller/distillers/DKD.py``, ``dkd_loss``) reduces with a sum over samples divided by
+the batch size (= a per-sample mean); here the "samples" are pixels, so the mean is over (valid) pixels.
 
-Target class: ``target_source="teacher"`` (default) takes the teacher's argmax per pixel, so every
-pixel can be distilled without labels (pixels labelled ``ignore_index`` are still excluded when a
-target is given); ``target_source="gt"`` takes the label and excludes ignore pixels.
+Target class: ``target_source="gt"`` (default, as DKD and mdistiller: ``_get_gt_mask(logits, target)``
+marks the ground-truth class) takes the label and excludes pixels labelled ``ignore_index``;
+``target_source="teacher"`` (our option, off by default) takes the teacher's argmax per pixel, so every pixel
+can be distilled without labels (ignore pixels are still excluded unless ``mask_ignore: false``).
 
 Numerics (exact, not mdistiller's ``-1000 * gt_mask`` trick): log(1 - p_t) and the non-target
-log-softmax both use ``logsumexp_{k != t}(z_k / T)``, so nothing is computed as ``log(1 - p)``.
+log-softmax both use ``logsumexp_{k != t}(z_k / T)``, so nothing is computed as ``log(1 - p)``. (The trick
+leaves exp(-1000) ~ 0 mass on the target class; the difference is below float32 resolution.)
 
-Defaults: alpha = 1, beta = 8, T = 4 are mdistiller's CIFAR-100 settings (its ImageNet settings are
-alpha = 0.5, beta = 0.5, T = 1). The DKD paper has no segmentation experiments: using the CIFAR
-settings (and the teacher's argmax as target) for segmentation is OUR choice. mdistiller also ramps
-the DKD loss linearly over the first 20 epochs (``warmup``); that schedule is not part of this loss.
+Settings: mdistiller's global defaults (``mdistiller/engine/cfg.py``: ``CFG.DKD``) are alpha = 1, beta = 8,
+T = 4, CE weight 1, warm-up 20 epochs; its ImageNet configs (``configs/imagenet/r34_r18/dkd.yaml``) keep
+alpha = 1 and set beta = 0.5, T = 1, warm-up 1; some CIFAR pairs use beta = 2. The DKD paper has no
+segmentation experiments, so no reference segmentation setting exists: our defaults and the preset use the
+global defaults (alpha 1, beta 8, T 4) with the ground-truth target. mdistiller also ramps the DKD loss
+linearly over the first ``WARMUP`` epochs (``min(epoch / warmup, 1)``); that schedule is not part of this
+loss (a known deviation, docs/methods.md).
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ import torch
 from c2vkd.losses.adapters import check_same_shape, no_autocast
 from c2vkd.losses.base import LOSSES, DistillLoss, LossContext, LossInputs, masked_mean
 
-TARGET_SOURCES = ("teacher", "gt")
+TARGET_SOURCES = ("gt", "teacher")
 
 
 def _decoupled_log_probs(z: torch.Tensor, t: torch.Tensor, temperature: float):
@@ -66,7 +71,7 @@ def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target
 
 
 def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor | None, *,
-             alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, target_source: str = "teacher",
+             alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, target_source: str = "gt",
              ignore_index: int = 255) -> torch.Tensor:
     """Pixel-wise DKD: ``T^2 * mean_{valid pixels} (alpha * TCKD + beta * NCKD)``.
 
@@ -96,13 +101,13 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
 @LOSSES.register("dkd")
 class DKDLoss(DistillLoss):
     """Pixel-wise DKD on logits. Args: ``weight`` (1.0), ``alpha`` (1.0), ``beta`` (8.0),
-    ``temperature`` (4.0), ``target_source`` ("teacher" | "gt"), ``mask_ignore`` (True; with
+    ``temperature`` (4.0), ``target_source`` ("gt" | "teacher"), ``mask_ignore`` (True; with
     target_source "teacher", False distils every pixel)."""
 
     registry_name = "dkd"
 
     def __init__(self, ctx: LossContext, weight: float = 1.0, alpha: float = 1.0, beta: float = 8.0,
-                 temperature: float = 4.0, target_source: str = "teacher", mask_ignore: bool = True) -> None:
+                 temperature: float = 4.0, target_source: str = "gt", mask_ignore: bool = True) -> None:
         super().__init__(ctx, weight)
         if target_source not in TARGET_SOURCES:
             raise ValueError(f"loss dkd: target_source must be one of {TARGET_SOURCES}, got {target_source!r}")

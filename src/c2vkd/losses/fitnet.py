@@ -9,6 +9,11 @@ squared error over all B*C_T*h*w elements. The paper writes (1/2)||u_h - r||^2 p
 the element mean (as the segmentation KD code bases do), so scale with ``weight``.
 Regressor (``adapter``): "conv1x1" (default), "conv3x3" (conv3x3-BN-ReLU-conv1x1) or "mlp"
 (conv1x1-BN-ReLU-conv1x1); the paper's regressor is a convolution. Default weight 1.0.
+Segmentation reference the preset follows: winycg/CIRKD ``losses/fitnet.py`` ``CriterionFitNet.forward``
+(a 1x1 conv without bias on the student's ``outputs[-1]``, the head feature before the classifier, then
+``((s - t)^2).mean()``), ``scripts/train_kd/train_fitnet.sh``: ``--lambda-fitnet 10`` plus pixel KD 1. The
+preset reads our ``decoder`` taps; the bilinear resize after the projection is only active when the two
+networks' strides differ (the reference's share one).
 """
 from __future__ import annotations
 

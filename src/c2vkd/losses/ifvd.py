@@ -2,7 +2,10 @@
 
 Reference: Y. Wang, W. Zhou, T. Jiang, X. Bai, Y. Xu, "Intra-class Feature Variation Distillation for
 Semantic Segmentation", ECCV 2020 (arXiv:2010.06727); authors' code YukangWang/IFVD
-(``CriterionIFV``).
+(``CriterionIFV``). Segmentation benchmark code the preset follows: winycg/CIRKD ``losses/ifvd.py``
+``CriterionIFV.forward`` with ``scripts/train_kd/train_ifvd.sh`` (``--lambda-ifv 20``, plus pixel KD 1 and
+the adversarial term 0.001 / 0.1; the IFVD repository itself uses 200), on ``outputs[-1]`` (the head's
+feature before the classifier: our ``decoder`` taps).
 
 As in the authors' code: the labels are downsampled (nearest) to the feature size; for each image
 and each class present in it, the class prototype is the average feature over that class's pixels;
@@ -13,11 +16,13 @@ maps. Differences from the reference code (our choices):
     their own feature (cosine 1 for both networks, so they contribute 0) but still counts them in the
     MSE denominator; ``mean_over="all"`` reproduces that reduction;
   * labels outside [0, K) other than ``ignore_index`` are also treated as ignored.
-A 1x1-conv student adapter (C_S -> C_T, sized from the loss context) and a bilinear resize to the
-teacher's h x w align the student map (cosine similarity to one's own prototype does not need equal
-channels; ``adapter: none`` only resizes). Defaults: weight 1.0 (the reference code takes the IFV
-weight as a command-line argument; we could not verify its published value offline, so set ``weight``
-explicitly when reproducing the paper).
+No adapter by default (``adapter: none``), as in the reference: the IFV map is computed *inside* each
+network (cosine of a pixel to its own network's class prototype), so the two networks' channel counts never
+meet and need not agree -- a CNN teacher with 2048 channels and a ViT student with 256 work as they are. A
+learnable adapter would even let the student match the teacher's maps by shaping the adapter instead of its
+own features. What must agree is the spatial size: the student map is resized bilinearly to the teacher's
+h x w (the reference's networks share a stride). ``adapter: conv1x1`` (or another kind) remains available.
+Defaults: weight 1.0, ``mean_over: valid``; the preset uses weight 20 and ``mean_over: all`` (the reference).
 """
 from __future__ import annotations
 
@@ -69,12 +74,12 @@ def ifvd_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, target: to
 
 @LOSSES.register("ifvd")
 class IFVDLoss(AdaptedFeatureLoss):
-    """IFVD. Args: ``weight`` (1.0), ``adapter`` ("conv1x1"), ``mean_over`` ("valid"),
+    """IFVD. Args: ``weight`` (1.0), ``adapter`` ("none": resize only), ``mean_over`` ("valid" | "all"),
     ``student_tap``/``teacher_tap`` ("feat")."""
 
     registry_name = "ifvd"
 
-    def __init__(self, ctx: LossContext, weight: float = 1.0, adapter: str = "conv1x1", mean_over: str = "valid",
+    def __init__(self, ctx: LossContext, weight: float = 1.0, adapter: str = "none", mean_over: str = "valid",
                  student_tap: str = "feat", teacher_tap: str = "feat") -> None:
         super().__init__(ctx, weight)
         if mean_over not in ("valid", "all"):

@@ -7,15 +7,23 @@ over all pixels).
 
 Loss: ``T^2 * mean over valid pixels of KL(softmax(z_T / T) || softmax(z_S / T))``.
 Defaults: temperature 1.0, weight 1.0 (CIRKD's ``--kd-temperature 1 --lambda-kd 1``).
+Reference code: winycg/CIRKD ``losses/kd.py`` ``CriterionKD.forward``: ``F.kl_div(log_softmax(z_S/T),
+softmax(z_T/T), reduction="batchmean") * T^2`` over the [B*h*w, K] rows, i.e. the mean over *all* pixels,
+on ``outputs[0]``, the logits at the model's output stride (before the final upsample).
+``at``: ``"stride"`` (the reference's resolution; the ``logits`` taps, see
+:func:`~c2vkd.losses.adapters.logits_pair` for strides that differ) or ``"input"`` (the module default, the
+upsampled outputs, kept so that a bare ``{name: kd}`` means what it meant before; the preset
+``methods/kd.yaml`` sets ``at: stride``).
 Our addition: pixels labelled ``ignore_index`` are excluded (module option ``mask_ignore``, default
-True); ``mask_ignore: false`` reproduces the all-pixel mean of the reference code.
+True; at the stride the labels are nearest-downsampled); ``mask_ignore: false`` reproduces the all-pixel
+mean of the reference code (the presets use it).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from c2vkd.losses.adapters import check_same_shape, no_autocast
+from c2vkd.losses.adapters import check_logits_at, check_same_shape, logits_pair, logits_taps, no_autocast
 from c2vkd.losses.base import LOSSES, DistillLoss, LossContext, LossInputs, masked_mean
 
 
@@ -44,19 +52,25 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
 
 @LOSSES.register("kd")
 class KDLoss(DistillLoss):
-    """Pixel-wise KD on logits. Args: ``weight`` (1.0), ``temperature`` (1.0), ``mask_ignore`` (True)."""
+    """Pixel-wise KD on logits. Args: ``weight`` (1.0), ``temperature`` (1.0), ``mask_ignore`` (True),
+    ``at`` ("input" | "stride")."""
 
     registry_name = "kd"
 
     def __init__(self, ctx: LossContext, weight: float = 1.0, temperature: float = 1.0,
-                 mask_ignore: bool = True) -> None:
+                 mask_ignore: bool = True, at: str = "input") -> None:
         super().__init__(ctx, weight)
         if temperature <= 0:
             raise ValueError(f"loss kd: temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
         self.mask_ignore = bool(mask_ignore)
+        self.at = check_logits_at(at, "kd")
+
+    @classmethod
+    def taps(cls, args: dict) -> tuple[list[str], list[str]]:
+        return logits_taps(str(args.get("at", "input")))
 
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
-        target = inputs.target if self.mask_ignore else None
-        return {"kd": kd_loss(inputs.student_logits, inputs.teacher_logits, target,
+        s, t, target = logits_pair(inputs, self.at)
+        return {"kd": kd_loss(s, t, target if self.mask_ignore else None,
                               temperature=self.temperature, ignore_index=self.ignore_index)}

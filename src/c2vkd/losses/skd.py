@@ -1,26 +1,33 @@
 """Pair-wise similarity distillation from Structured Knowledge Distillation (SKD).
 
 Reference: Y. Liu, K. Chen, C. Liu, Z. Qin, Z. Luo, J. Wang, "Structured Knowledge Distillation for
-Semantic Segmentation", CVPR 2019 (arXiv:1903.04197); authors' code
-irfanICMLL/structure_knowledge_distillation (``CriterionPairWiseforWholeFeatAfterPool`` /
-``sim_dis_compute``), also copied into the CIRKD code base. Only the pair-wise term is implemented
-(pixel-wise KD is the ``kd`` loss; the holistic adversarial term is not implemented).
+Semantic Segmentation", CVPR 2019 (arXiv:1903.04197). Reference code followed by the defaults: winycg/CIRKD
+``losses/skd.py`` ``CriterionStructuralKD.forward`` (the segmentation benchmark whose scripts the presets
+follow: ``scripts/train_kd/train_skd.sh``, ``--lambda-skd 10`` plus pixel KD 1 and the adversarial term);
+the authors' own code is irfanICMLL/structure_knowledge_distillation
+(``CriterionPairWiseforWholeFeatAfterPool`` / ``sim_dis_compute`` in ``utils/criterion.py``).
+This file is the pair-wise term; pixel-wise KD is the ``kd`` loss and the holistic (adversarial) term is the
+``adv`` loss (losses/adversarial.py); ``methods/skd.yaml`` combines the three.
 
-As in the authors' code:
-  1. both feature maps are max-pooled with kernel = stride = ``int(size * pool_scale)`` per side
-     (ceil mode), i.e. ``pool_scale`` is the size of one node as a fraction of the map: 0.5 (their
-     default) gives a ~2x2 grid of nodes; ``pool_scale=None`` (or 0) keeps every position;
-  2. per image, each node's feature is divided by its L2 norm (+1e-8; the norm is detached, as in
-     the reference code; ``detach_norm=False`` lets the gradient through it) and a [N, N] cosine
-     similarity matrix over the N spatial nodes is formed;
+As in CIRKD's ``CriterionStructuralKD``:
+  1. both feature maps are max-pooled with a fixed 2 x 2 kernel = stride (``pool_kernel: 2``, ceil mode),
+     i.e. an (h/2) x (w/2) grid of nodes. The authors' code instead uses kernel = ``int(size * pool_scale)``
+     per side with ``--pool-scale 0.5`` (about a 2 x 2 grid of nodes): ``pool_kernel: null, pool_scale:
+     0.5``; ``pool_kernel: null, pool_scale: null`` keeps every position;
+  2. per image, each node's feature is L2-normalised over channels (``F.normalize``: gradient through the
+     norm, as CIRKD; the authors' code divides by a *detached* norm + 1e-8: ``detach_norm: true``) and the
+     [N, N] cosine similarity matrix over the N nodes is formed;
   3. loss = mean over B*N*N of (S_T - S_S)^2.
 Pair-wise similarity needs no channel agreement, so by default there is no learnable adapter: the
 student map is only resized (bilinear) to the teacher's h x w (module option ``adapter``).
+Taps: CIRKD reads ``outputs[-1]``, the head's feature before the classifier; the preset uses our
+``decoder`` alias (the same place in DeepLabV3+ and SegFormer).
 
 Bounded memory (our addition): the per-batch similarity tensor has B*N*N elements. If that exceeds
 ``max_pairs`` (default 2**24, i.e. 64 MiB per float32 matrix), both maps are further reduced with
 adaptive max pooling to the largest grid with B*N*N <= max_pairs (aspect ratio kept); this is logged
-once per distinct shape. With the authors' pool_scale=0.5 the grid is tiny and the cap never acts.
+once per distinct shape (a deviation from the reference at large feature maps; raise ``max_pairs`` on a
+large GPU).
 """
 from __future__ import annotations
 
@@ -38,11 +45,15 @@ _LOGGED: set[tuple] = set()
 DEFAULT_MAX_PAIRS = 2 ** 24
 
 
-def skd_pool(x: torch.Tensor, pool_scale: float | None) -> torch.Tensor:
-    """The authors' node pooling: max-pool [B, C, h, w] with kernel = stride = int(size * pool_scale)."""
-    if not pool_scale:
+def skd_pool(x: torch.Tensor, pool_scale: float | None, pool_kernel: int | None = None) -> torch.Tensor:
+    """Node pooling: max-pool [B, C, h, w] with kernel = stride = ``pool_kernel`` (CIRKD, 2) or, without
+    it, int(size * pool_scale) per side (the authors' code); ceil mode."""
+    if pool_kernel:
+        kh = kw = int(pool_kernel)
+    elif pool_scale:
+        kh, kw = max(1, int(x.shape[2] * pool_scale)), max(1, int(x.shape[3] * pool_scale))
+    else:
         return x
-    kh, kw = max(1, int(x.shape[2] * pool_scale)), max(1, int(x.shape[3] * pool_scale))
     if kh == 1 and kw == 1:
         return x
     return F.max_pool2d(x, kernel_size=(kh, kw), stride=(kh, kw), padding=0, ceil_mode=True)
@@ -65,18 +76,20 @@ def capped_grid(batch: int, h: int, w: int, max_pairs: int) -> tuple[int, int]:
     return nh, nw
 
 
-def pairwise_similarity(feat: torch.Tensor, detach_norm: bool = True) -> torch.Tensor:
+def pairwise_similarity(feat: torch.Tensor, detach_norm: bool = False) -> torch.Tensor:
     """[B, C, h, w] -> [B, N, N] cosine similarity between spatial positions (N = h*w), float32."""
     f = feat.float()
-    norm = f.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-8
-    if detach_norm:
-        norm = norm.detach()
-    f = (f / norm).flatten(2)                                   # [B, C, N]
+    if detach_norm:  # the authors' code: f / (||f|| + 1e-8).detach()
+        f = f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-8).detach()
+    else:  # CIRKD: F.normalize, f / max(||f||, 1e-12)
+        f = F.normalize(f, p=2, dim=1)
+    f = f.flatten(2)                                   # [B, C, N]
     return torch.bmm(f.transpose(1, 2), f)
 
 
 def skd_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, pool_scale: float | None = 0.5,
-             max_pairs: int = DEFAULT_MAX_PAIRS, detach_norm: bool = True) -> torch.Tensor:
+             max_pairs: int = DEFAULT_MAX_PAIRS, detach_norm: bool = True,
+             pool_kernel: int | None = None) -> torch.Tensor:
     """Pair-wise similarity distillation.
 
     student_feat: [B, Cs, h, w]; teacher_feat: [B, Ct, h, w] (same B, h, w; channels may differ).
@@ -86,8 +99,8 @@ def skd_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, pool_sca
         raise ValueError(f"skd_loss: student {tuple(student_feat.shape)} and teacher "
                          f"{tuple(teacher_feat.shape)} must share batch and spatial size")
     with no_autocast(student_feat):
-        s = skd_pool(student_feat.float(), pool_scale)
-        t = skd_pool(teacher_feat.detach().float(), pool_scale)
+        s = skd_pool(student_feat.float(), pool_scale, pool_kernel)
+        t = skd_pool(teacher_feat.detach().float(), pool_scale, pool_kernel)
         b, _, h, w = t.shape
         nh, nw = capped_grid(b, h, w, max_pairs)
         if (nh, nw) != (h, w):
@@ -105,17 +118,24 @@ def skd_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, pool_sca
 
 @LOSSES.register("skd")
 class SKDLoss(AdaptedFeatureLoss):
-    """SKD pair-wise term. Args: ``weight`` (1.0), ``pool_scale`` (0.5), ``max_pairs`` (2**24),
-    ``detach_norm`` (True), ``adapter`` ("none": resize only), ``student_tap``/``teacher_tap``."""
+    """SKD pair-wise term. Args: ``weight`` (1.0; CIRKD's script 10), ``pool_kernel`` (2, CIRKD),
+    ``pool_scale`` (None; the authors' 0.5 when ``pool_kernel`` is null), ``max_pairs`` (2**24),
+    ``detach_norm`` (False, CIRKD; True = the authors' code), ``adapter`` ("none": resize only),
+    ``student_tap``/``teacher_tap`` ("feat")."""
 
     registry_name = "skd"
 
-    def __init__(self, ctx: LossContext, weight: float = 1.0, pool_scale: float | None = 0.5,
-                 max_pairs: int = DEFAULT_MAX_PAIRS, detach_norm: bool = True, adapter: str = "none",
-                 student_tap: str = "feat", teacher_tap: str = "feat") -> None:
+    def __init__(self, ctx: LossContext, weight: float = 1.0, pool_scale: float | None = None,
+                 max_pairs: int = DEFAULT_MAX_PAIRS, detach_norm: bool = False, adapter: str = "none",
+                 student_tap: str = "feat", teacher_tap: str = "feat", pool_kernel: int | None = 2) -> None:
         super().__init__(ctx, weight)
         if pool_scale is not None and not (0 <= float(pool_scale) <= 1):
             raise ValueError(f"loss skd: pool_scale must be in [0, 1] (or null), got {pool_scale}")
+        if pool_kernel is not None and int(pool_kernel) < 1:
+            raise ValueError(f"loss skd: pool_kernel must be >= 1 (or null), got {pool_kernel}")
+        if pool_kernel and pool_scale:
+            raise ValueError("loss skd: give pool_kernel (CIRKD) or pool_scale (the authors' code), not both")
+        self.pool_kernel = None if not pool_kernel else int(pool_kernel)
         self.pool_scale = None if not pool_scale else float(pool_scale)
         self.max_pairs = int(max_pairs)
         self.detach_norm = bool(detach_norm)
@@ -124,4 +144,4 @@ class SKDLoss(AdaptedFeatureLoss):
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
         s, t = self.aligned(inputs)
         return {"skd": skd_loss(s, t, pool_scale=self.pool_scale, max_pairs=self.max_pairs,
-                                detach_norm=self.detach_norm)}
+                                detach_norm=self.detach_norm, pool_kernel=self.pool_kernel)}

@@ -128,6 +128,8 @@ class _ResNetSegModel(SegmentationModel):
         "layer3": "backbone.layer3",
         "layer4": "backbone.layer4",
         "decoder": "decoder",
+        # logits at the model's output stride (the classifier, before the final upsample): KD/CWD/DIST at: stride
+        "logits": "classifier",
     }
 
     def __init__(self, num_classes: int, depth: int, output_stride: int) -> None:

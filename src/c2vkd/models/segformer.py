@@ -115,6 +115,7 @@ class SegFormer(SegmentationModel):
         "stage3": "stage3",
         "stage4": "stage4",
         "decoder": "decode_head.activation",  # fused all-MLP feature before dropout + classifier
+        "logits": "decode_head.classifier",  # logits at 1/4, before the final upsample (KD at: stride)
     }
 
     def __init__(self, num_classes: int, variant: str = "b0", **config_overrides: Any) -> None:

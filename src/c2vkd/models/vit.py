@@ -11,6 +11,7 @@ Shared layout (the paths feature taps and checkpoints use)::
     stage1..stage4         nn.Identity taps: spatial [B, C_i, h_i, w_i] encoder outputs
     decode_head.*          SemanticFPNHead / ProgressiveUpsamplingHead
     decode_head.fused      nn.Identity tap: the decoder feature before dropout + classifier (alias "decoder")
+    decode_head.classifier the 1x1 classifier: logits at the head's stride on the padded grid (alias "logits")
 
 ``feat`` (the C2VKD student tap) is always ``stage4``. Every parameter is used in every forward (no dead
 classifier / norm), so the models train under DDP without ``find_unused_parameters``.
@@ -43,6 +44,7 @@ _STAGE_TAPS: dict[str, str] = {
     "stage3": "stage3",
     "stage4": "stage4",
     "decoder": "decode_head.fused",
+    "logits": "decode_head.classifier",  # logits at the head's stride, before the final upsample / crop
 }
 
 
