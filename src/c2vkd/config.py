@@ -24,7 +24,7 @@ from c2vkd.registry import suggest
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"
 
 # Keys whose value is a free-form mapping (validated later by the component that consumes it).
-OPEN_KEYS = {"student.kwargs", "teacher.kwargs"}
+OPEN_KEYS = {"student.kwargs", "teacher.kwargs", "balance.targets"}
 
 DEFAULTS: dict[str, Any] = {
     "experiment": {
@@ -90,6 +90,11 @@ DEFAULTS: dict[str, Any] = {
         "momentum": 0.9,          # sgd only
         "betas": [0.9, 0.999],    # adamw only
         "head_lr_mult": 1.0,      # lr multiplier for the student's decode head and KD alignment heads
+        # KD alignment heads (VLFD's visual/linguistic heads, feature adapters) have their own parameter group:
+        # null = same lr as the decode head (head_lr_mult) / the optimizer's eps. A head fed 1e-9 gradients is
+        # frozen by AdamW's eps 1e-8: lower align_eps or raise align_lr_mult (see `c2vkd report`).
+        "align_lr_mult": None,
+        "align_eps": None,
     },
     "schedule": {
         "iters": 1000,
@@ -110,6 +115,20 @@ DEFAULTS: dict[str, Any] = {
         "nan_policy": "stop",     # stop | skip
         "progress": True,
         "max_val_batches": None,  # limit validation batches (quick sanity runs)
+        # every K-th step, measure each loss term's gradient norm on the student (one extra backward per term at
+        # those steps only) and log grad_share/<term> to metrics.jsonl and TensorBoard; 0 = off
+        "grad_share_interval": 0,
+    },
+    # Automatic term balancing (engine/balance.py): re-weight the targeted terms so that each gets its target
+    # share of the student's gradient (sum of per-term gradient norms), from measured, detached norms.
+    "balance": {
+        "mode": "off",            # off | grad_norm
+        "targets": {},            # {term: share in (0, 1)}, e.g. {vlfd_global: 0.1}; untargeted terms keep weights
+        "interval": 10,           # re-estimate every K iterations after the warm-up
+        "warmup": 20,             # measure at every one of the first W iterations (the moving average settles)
+        "ema": 0.9,               # moving average of the measured norms
+        "min_weight": 0.0,
+        "max_weight": 1.0e8,
     },
     "eval": {
         "split": "val",           # split for periodic validation

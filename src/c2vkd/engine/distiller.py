@@ -95,6 +95,25 @@ class Distiller(nn.Module):
     def head_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.losses.parameters() if p.requires_grad]
 
+    # Live term weights: each loss module's ``weights`` dict is read at every forward, so the balancer
+    # (engine/balance.py) changes a term's weight by writing it here.
+    def term_weights(self) -> dict[str, float]:
+        return {t: float(w) for m in self.losses for t, w in m.weights.items()}
+
+    def set_term_weights(self, weights: dict[str, float]) -> None:
+        for m in self.losses:
+            for t in m.weights:
+                if t in weights:
+                    m.weights[t] = float(weights[t])
+
+    def pop_graph_terms(self) -> dict[str, torch.Tensor]:
+        """The raw, graph-attached terms of the last forward made with ``record_graph_terms = True`` (for
+        per-term gradient measurement); non-zero-weight terms only. Cleared by the call."""
+        terms = self.__dict__.pop("_graph_terms", None)
+        if terms is None:
+            raise RuntimeError("pop_graph_terms: the last forward did not record terms (set record_graph_terms)")
+        return terms
+
     def forward(self, images: torch.Tensor, target: torch.Tensor, cached_teacher: dict[str, torch.Tensor] | None = None,
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """Returns (weighted total loss, {term: raw value, term/w: weighted value}, student logits).
@@ -121,6 +140,7 @@ class Distiller(nn.Module):
                             student_feats=s_feats, teacher_feats=t_feats)
         total = s_logits.new_zeros((), dtype=torch.float32)
         terms: dict[str, torch.Tensor] = {}
+        graph_terms: dict[str, torch.Tensor] = {}
         for module in self.losses:
             for name, raw in module(inputs).items():
                 w = module.weights[name]
@@ -129,4 +149,7 @@ class Distiller(nn.Module):
                 terms[f"{name}/w"] = (raw * w).detach()
                 if w != 0:  # weight 0 is "compute and log only" (the released code's CE)
                     total = total + w * raw
+                    graph_terms[name] = raw
+        if getattr(self, "record_graph_terms", False):
+            self.__dict__["_graph_terms"] = graph_terms
         return total, terms, s_logits

@@ -1,0 +1,258 @@
+"""How much each loss term really trains the student, and automatic term balancing (config ``balance``).
+
+Why: a term's weight says nothing about its effect. With method.md's reductions VLFD's three terms reach the
+student with 1e-5..1e-9 of PDD's gradient, so "C2VKD" trains like PDD + CE and nothing tells the user. What
+matters is each weighted term's gradient on the student's parameters, so that is what we measure and balance.
+
+Definitions (used by ``c2vkd report``, ``train.grad_share_interval`` and the balancer alike):
+
+* ``grad_norm[i] = || d (w_i * raw_i) / d theta ||_2`` over the student's parameters ``theta`` (alignment
+  heads excluded: they are not part of the deployed model), measured with one extra backward per term;
+* ``grad_share[i] = grad_norm[i] / sum_j grad_norm[j]`` over the terms with non-zero weight (sums to 1);
+* the same split over the student's backbone and its decode head, and the RMS of the *total* gradient that
+  reaches each alignment head (compare it with the optimizer's eps: an AdamW head whose gradient RMS is far
+  below eps does not move).
+
+Balancing (``balance.mode: grad_norm``): every measured step the raw gradient norms ``g_i = ||d raw_i/d theta||``
+update an exponential moving average ``G_i`` (``balance.ema``); each term with a target share ``t_i`` then gets
+
+    w_i = clamp(t_i * S / G_i, min_weight, max_weight),
+    S   = sum_{j fixed} w_j G_j / (1 - sum_i t_i)    if some non-zero-weight term has no target (the anchor),
+    S   = sum_j w_j G_j                              otherwise (targets must then sum to 1),
+
+the closed-form weight that gives the term exactly its target share of the summed norms for the measured
+norms (the fixed terms, e.g. PDD and CE, keep their configured weights and so the overall gradient scale).
+We prefer this closed form to GradNorm's gradient-descent update on the weights (Chen et al., ICML 2018): it
+has no learning rate of its own, reaches the target in one step instead of drifting towards it, needs no
+extra optimizer state, and its input (detached norms, averaged over DDP ranks) is identical on every rank, so
+every rank computes bit-identical weights. The EMA keeps one noisy batch from swinging the weights.
+
+Schedule: norms are measured at every iteration of the first ``balance.warmup`` iterations (the EMA settles
+while the student changes fastest), then every ``balance.interval`` iterations. Weights follow from the first
+measurement on. The balancer's state (current weights, EMA, counter) is saved in training checkpoints, so a
+resumed run continues bit-identically. Measured on the first micro-batch of a step when accumulating.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from c2vkd.registry import suggest
+
+log = logging.getLogger("c2vkd")
+
+BALANCE_MODES = ("off", "grad_norm")
+
+
+# --------------------------------------------------------------------------------------- measurement
+@dataclass
+class StudentParts:
+    """The parameters whose gradients are measured: the student split into backbone / decode head, and the
+    trainable alignment heads of every loss module (``"vlfd.visual_head"``, ...)."""
+
+    backbone: list[nn.Parameter]
+    decode_head: list[nn.Parameter]
+    heads: dict[str, list[nn.Parameter]] = field(default_factory=dict)
+
+    @property
+    def student(self) -> list[nn.Parameter]:
+        return self.backbone + self.decode_head
+
+    def all(self) -> list[nn.Parameter]:
+        return self.student + [p for ps in self.heads.values() for p in ps]
+
+
+def student_parts(student: nn.Module, loss_modules: Iterable[tuple[str, nn.Module]]) -> StudentParts:
+    """Split the trainable parameters. The decode head is what the model's ``decode_head_parameters()`` names
+    (the parameters ``optim.head_lr_mult`` applies to); a model without it counts as all backbone. Alignment
+    heads are named ``<loss>.<child>`` per trainable child module of each loss (``vlfd.visual_head``)."""
+    decode_fn = getattr(student, "decode_head_parameters", None)
+    decode_ids = {id(p) for p in decode_fn()} if callable(decode_fn) else set()
+    backbone, decode = [], []
+    for p in student.parameters():
+        if p.requires_grad:
+            (decode if id(p) in decode_ids else backbone).append(p)
+    heads: dict[str, list[nn.Parameter]] = {}
+    for loss_name, module in loss_modules:
+        for child_name, child in module.named_children():
+            ps = [p for p in child.parameters() if p.requires_grad]
+            if ps:
+                heads[f"{loss_name}.{child_name}"] = ps
+        direct = [p for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if direct:
+            heads[loss_name] = direct
+    return StudentParts(backbone, decode, heads)
+
+
+def _norm(grads: list[torch.Tensor | None]) -> float:
+    gs = [g for g in grads if g is not None]
+    if not gs:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in gs])))
+
+
+@dataclass
+class TermGradients:
+    """One measurement: per term, the L2 norm of the *raw* term's gradient (multiply by |weight| for the
+    weighted term), split by part; and the RMS of the weighted total gradient on each alignment head."""
+
+    raw_norm: dict[str, dict[str, float]]    # term -> {"student", "backbone", "decode_head"}
+    head_rms: dict[str, float]               # head name -> RMS of sum_i w_i d raw_i / d head
+
+
+def measure_term_gradients(raw_terms: dict[str, torch.Tensor], weights: dict[str, float], parts: StudentParts,
+                           *, scale: float = 1.0) -> TermGradients:
+    """Gradient norms of each raw term (graph-attached scalars) with respect to the student's parameters, by
+    one ``torch.autograd.grad`` per term (the graph is retained for the training backward that follows; no
+    ``.grad`` is touched, so DDP's reducer and the optimizer see nothing of it).
+
+    ``scale`` multiplies each term before differentiation and is divided out of the norms (pass the fp16
+    GradScaler's scale so that what is measured is what the scaled training backward sees)."""
+    params = parts.all()
+    n_b, n_d = len(parts.backbone), len(parts.decode_head)
+    raw_norm: dict[str, dict[str, float]] = {}
+    head_sum: dict[str, list[torch.Tensor | None]] = {h: [None] * len(ps) for h, ps in parts.heads.items()}
+    for term, value in raw_terms.items():
+        if not value.requires_grad:
+            raw_norm[term] = {"student": 0.0, "backbone": 0.0, "decode_head": 0.0}
+            continue
+        grads = torch.autograd.grad(value * scale, params, retain_graph=True, allow_unused=True)
+        b = _norm(list(grads[:n_b])) / scale
+        d = _norm(list(grads[n_b:n_b + n_d])) / scale
+        raw_norm[term] = {"student": math.hypot(b, d), "backbone": b, "decode_head": d}
+        w = float(weights.get(term, 0.0))
+        if w == 0.0:
+            continue
+        k = n_b + n_d
+        for h, ps in parts.heads.items():
+            acc = head_sum[h]
+            for i in range(len(ps)):
+                g = grads[k + i]
+                if g is not None:
+                    g = g.detach().float() * (w / scale)
+                    acc[i] = g if acc[i] is None else acc[i] + g
+            k += len(ps)
+    head_rms = {}
+    for h, acc in head_sum.items():
+        numel = sum(p.numel() for p in parts.heads[h])
+        sq = sum(float(g.pow(2).sum()) for g in acc if g is not None)
+        head_rms[h] = math.sqrt(sq / max(numel, 1))
+    return TermGradients(raw_norm, head_rms)
+
+
+def shares(raw_norm: dict[str, dict[str, float]], weights: dict[str, float], part: str = "student",
+           ) -> tuple[dict[str, float], dict[str, float]]:
+    """(weighted grad norm, share of the sum over non-zero-weight terms) per term, for one part."""
+    weighted = {t: abs(float(weights.get(t, 0.0))) * n[part] for t, n in raw_norm.items()}
+    total = sum(v for t, v in weighted.items() if weights.get(t, 0.0) != 0.0)
+    share = {t: (v / total if total > 0 and weights.get(t, 0.0) != 0.0 else 0.0) for t, v in weighted.items()}
+    return weighted, share
+
+
+def weights_for_targets(norms: dict[str, float], weights: dict[str, float], targets: dict[str, float], *,
+                        min_weight: float = 0.0, max_weight: float = math.inf) -> dict[str, float]:
+    """The closed form above: weights giving each targeted term its share of the summed weighted norms.
+
+    norms: raw gradient norms G_i; weights: current weights (fixed terms keep theirs); targets: shares.
+    Returns a new weight dict (untargeted terms unchanged; a targeted term with a zero norm keeps its
+    weight, since no weight can give it a share)."""
+    fixed = [t for t, w in weights.items() if w != 0.0 and t not in targets]
+    t_sum = sum(targets.values())
+    if fixed:
+        scale = sum(abs(weights[t]) * norms.get(t, 0.0) for t in fixed) / max(1.0 - t_sum, 1e-12)
+    else:
+        scale = sum(abs(weights[t]) * norms.get(t, 0.0) for t in weights)
+    out = dict(weights)
+    for t, share in targets.items():
+        g = norms.get(t, 0.0)
+        if g > 0.0 and scale > 0.0:
+            out[t] = min(max(share * scale / g, min_weight), max_weight)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- balancer
+def validate_balance(cfg: dict[str, Any], term_weights: dict[str, float]) -> None:
+    """Check the ``balance`` section against the run's terms (names, non-zero weights, share sums)."""
+    b = cfg
+    mode = b["mode"]
+    if mode not in BALANCE_MODES:
+        raise ValueError(f"balance.mode must be one of {', '.join(BALANCE_MODES)}, got {mode!r}")
+    targets = b.get("targets") or {}
+    if mode == "off":
+        return
+    if not targets:
+        raise ValueError("balance.mode=grad_norm needs balance.targets: {<term>: share, ...} (terms of this run: "
+                         f"{', '.join(term_weights)})")
+    for t, share in targets.items():
+        if t not in term_weights:
+            raise KeyError(f"balance.targets.{t}: no loss term {t!r} in this run.{suggest(t, list(term_weights))} "
+                           f"Terms: {', '.join(term_weights)}")
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < float(share) < 1.0:
+            raise ValueError(f"balance.targets.{t}: a share strictly between 0 and 1, got {share!r}")
+        if term_weights[t] == 0.0:
+            raise ValueError(f"balance.targets.{t}: the term has weight 0 (computed and logged only); give it a "
+                             "non-zero starting weight to balance it")
+    total = sum(float(v) for v in targets.values())
+    fixed = [t for t, w in term_weights.items() if w != 0.0 and t not in targets]
+    if fixed and total >= 1.0:
+        raise ValueError(f"balance.targets sum to {total:g}, but terms {fixed} keep their weights and need a "
+                         "share too: the targets must sum to less than 1")
+    if not fixed and abs(total - 1.0) > 1e-6:
+        raise ValueError(f"balance.targets sum to {total:g}; every non-zero-weight term has a target, so they "
+                         "must sum to 1")
+    for key in ("interval", "warmup"):
+        v = b[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < (1 if key == "interval" else 0):
+            raise ValueError(f"balance.{key} must be an integer >= {1 if key == 'interval' else 0}, got {v!r}")
+    if not 0.0 <= float(b["ema"]) < 1.0:
+        raise ValueError(f"balance.ema must be in [0, 1), got {b['ema']!r}")
+    if not 0.0 <= float(b["min_weight"]) <= float(b["max_weight"]):
+        raise ValueError(f"balance: need 0 <= min_weight <= max_weight, got {b['min_weight']!r}, {b['max_weight']!r}")
+
+
+class TermBalancer:
+    """State of ``balance.mode: grad_norm`` (see the module docstring). ``weights`` is the live weight dict."""
+
+    def __init__(self, cfg: dict[str, Any], term_weights: dict[str, float]) -> None:
+        validate_balance(cfg, term_weights)
+        self.targets = {t: float(v) for t, v in (cfg.get("targets") or {}).items()}
+        self.interval, self.warmup = int(cfg["interval"]), int(cfg["warmup"])
+        self.ema = float(cfg["ema"])
+        self.min_weight, self.max_weight = float(cfg["min_weight"]), float(cfg["max_weight"])
+        self.weights = {t: float(w) for t, w in term_weights.items()}
+        self.norms: dict[str, float] = {}   # EMA of the raw gradient norms
+        self.updates = 0
+
+    def due(self, step: int) -> bool:
+        """Measure at 0-based training step ``step``?"""
+        return step < self.warmup or step % self.interval == 0
+
+    def observe(self, raw_norms: dict[str, float]) -> dict[str, float]:
+        """Fold one measurement (raw student gradient norm per term, identical on every rank) into the EMA and
+        return the new weights."""
+        for t, g in raw_norms.items():
+            if t not in self.weights or self.weights[t] == 0.0:
+                continue
+            prev = self.norms.get(t)
+            self.norms[t] = g if prev is None else self.ema * prev + (1.0 - self.ema) * g
+        self.weights = weights_for_targets(self.norms, self.weights, self.targets, min_weight=self.min_weight,
+                                           max_weight=self.max_weight)
+        self.updates += 1
+        return self.weights
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weights": dict(self.weights), "norms": dict(self.norms), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = set(self.weights) - set(state["weights"])
+        if missing:
+            raise KeyError(f"balance state in the checkpoint lacks terms {sorted(missing)}: it was saved by a run "
+                           "with other losses")
+        self.weights = {t: float(state["weights"][t]) for t in self.weights}
+        self.norms = {t: float(v) for t, v in state["norms"].items()}
+        self.updates = int(state["updates"])
