@@ -1,5 +1,5 @@
-"""The `c2vkd` command: train / distill / eval / demo / data check / taps / config / plot / predict /
-export / info / cache-teacher.
+"""The `c2vkd` command: train / distill / eval / demo / data check / data show / taps / config / plot / predict /
+export / info / cache-teacher / models / methods.
 
 Every command that takes a CONFIG accepts `--set key=value` (repeatable) overrides, validated like the file.
 """
@@ -23,17 +23,47 @@ def _add_config_args(p: argparse.ArgumentParser, config_required: bool = True) -
     p.add_argument("--run-dir", default=None, help="run directory (default: experiment.output_dir/experiment.name)")
 
 
+def _add_oneline_args(p: argparse.ArgumentParser, *, teacher: bool) -> None:
+    """The no-config-file form of train / distill (c2vkd.oneline decides format, sizes and recipe)."""
+    g = p.add_argument_group("one-line run (instead of CONFIG)")
+    if teacher:
+        g.add_argument("--teacher", default=None, metavar="NAME[=CHECKPOINT]",
+                       help="registered teacher model and its trained weights, e.g. deeplabv3plus_r101=teacher.pt")
+        g.add_argument("--student", default=None, metavar="NAME", help="registered student model, e.g. segformer_b0")
+    else:
+        g.add_argument("--model", dest="student", default=None, metavar="NAME", help="registered model to train")
+    g.add_argument("--data", default=None, metavar="DIR",
+                   help="dataset folder; its format is detected (classes.json folder layout, Cityscapes, ADE20K, "
+                        "VOC, SegNet CamVid)")
+    g.add_argument("--method", default="c2vkd" if teacher else "none", metavar="PRESET",
+                   help="method preset (`c2vkd methods`) or a YAML path (default: %(default)s)")
+    g.add_argument("--iters", type=int, default=None, metavar="N", help="training iterations (schedule.iters)")
+    g.add_argument("--out", default=None, metavar="DIR", help="run directory (default: runs/STUDENT-METHOD-DATA)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="c2vkd", description="CNN-to-ViT knowledge distillation for segmentation")
+    ap.add_argument("--version", action="version", version=_version())
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="supervised training (no teacher): the student baseline or a teacher")
-    _add_config_args(p)
+    p = sub.add_parser("train", help="supervised training (no teacher): the student baseline or a teacher",
+                       description="c2vkd train CONFIG, or with no config file: c2vkd train --model NAME --data DIR "
+                                   "[--method none] [--iters N] [--out DIR]")
+    p.add_argument("config", nargs="?", default=None,
+                   help="experiment YAML (a path, or the name of a packaged config); omit it for a one-line run")
+    _add_config_args(p, config_required=False)
     p.add_argument("--resume", default=None, help="'auto' (latest valid checkpoint in the run) or a checkpoint path")
+    _add_oneline_args(p, teacher=False)
 
-    p = sub.add_parser("distill", help="distil a frozen teacher into the student (C2VKD or a baseline)")
-    _add_config_args(p)
+    p = sub.add_parser("distill", help="distil a frozen teacher into the student (C2VKD or a baseline)",
+                       description="c2vkd distill CONFIG, or with no config file: c2vkd distill --teacher "
+                                   "NAME[=CHECKPOINT] --student NAME --data DIR [--method c2vkd] [--iters N] "
+                                   "[--out DIR]")
+    p.add_argument("config", nargs="?", default=None,
+                   help="experiment YAML (a path, or the name of a packaged config); omit it for a one-line run")
+    _add_config_args(p, config_required=False)
     p.add_argument("--resume", default=None, help="'auto' or a checkpoint path")
+    _add_oneline_args(p, teacher=True)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint or student export (per-class IoU table)")
     _add_config_args(p)
@@ -133,9 +163,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=256, help="views per shard file")
     p.add_argument("--batch-size", type=int, default=None, help="teacher batch size (default: data.batch_size)")
 
+    p = sub.add_parser("models", help="every registered model: family, parameters and default feature taps")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import a module (dotted name or .py path) that registers your own models first")
+    p.add_argument("--num-classes", type=int, default=19, help="classes the parameter count assumes (default 19)")
+
+    sub.add_parser("methods", help="the method presets (configs/methods/*.yaml), one line each")
+
     p = sub.add_parser("config", help="print the fully resolved config")
     _add_config_args(p)
     return ap
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import c2vkd
+
+    parts = [f"c2vkd {c2vkd.__version__}"]
+    for dist in ("torch", "transformers", "timm"):
+        try:
+            parts.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            parts.append(f"{dist} not installed")
+    return f"{parts[0]} ({', '.join(parts[1:])})"
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """One row per registered model; built on the meta device (no memory, no init cost) to count parameters."""
+    import torch
+
+    from c2vkd.models import MODELS, build_model
+
+    import_plugins(args.imports, "--import")
+    rows = [("model", "family", "params (M)", "default taps (alias=module; feat is the KD tap)")]
+    for name in MODELS.names():
+        with torch.device("meta"):
+            model = build_model(name, args.num_classes)
+        taps = dict(getattr(model, "default_taps", {}) or {})
+        feat = taps.pop("feat", None)
+        shown = ([f"feat={feat}"] if feat else []) + [a if a == m else f"{a}={m}" for a, m in taps.items()]
+        rows.append((name, str(getattr(model, "family", "?")), f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}",
+                     ", ".join(shown) or "(none)"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for i, r in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3])
+        if i == 0:
+            print("  ".join("-" * w for w in widths) + "  " + "-" * len(r[3]))
+    print(f"{len(rows) - 1} models; parameters at {args.num_classes} classes. Shapes of every tappable module: "
+          "c2vkd taps MODEL; latency and GFLOPs: c2vkd info MODEL")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from c2vkd.oneline import method_presets
+
+    presets = method_presets()
+    width = max(map(len, presets))
+    for name, line in presets.items():
+        print(f"{name.ljust(width)}  {line}")
+    print(f"{len(presets)} presets (src/c2vkd/configs/methods/NAME.yaml): c2vkd distill --method NAME ..., "
+          "_base_: methods/NAME.yaml, or c2vkd compare --methods a,b")
+    return 0
 
 
 def _hw(text: str) -> tuple[int, int]:
@@ -153,19 +242,46 @@ def _command_line(args: argparse.Namespace) -> str:
     return "c2vkd " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
 
 
+def _oneline_cfg(args: argparse.Namespace, *, distill: bool) -> tuple[dict, Path]:
+    """Config and run directory of `c2vkd train/distill` without a config file; prints the config."""
+    from c2vkd.oneline import oneline_config, summary
+
+    flag = "--student" if distill else "--model"
+    need = [(flag, args.student), ("--data", args.data)] + ([("--teacher", args.teacher)] if distill else [])
+    missing = [f for f, v in need if not v]
+    if missing:
+        raise ConfigError(f"give a CONFIG file, or {', '.join(missing)} for a one-line run "
+                          f"(see `c2vkd {args.command} --help`)")
+    cfg, detected = oneline_config(data=args.data, student=args.student, teacher=getattr(args, "teacher", None),
+                                   method=args.method, iters=args.iters, extra=args.overrides)
+    exp = cfg["experiment"]
+    run_dir = Path(args.out or args.run_dir or Path(exp["output_dir"]) / exp["name"])
+    print(summary(cfg, detected, run_dir, _command_line(args)), flush=True)
+    return cfg, run_dir
+
+
 def cmd_train(args: argparse.Namespace, *, distill: bool) -> int:
     from c2vkd.engine.loss_config import needs_teacher, validate_loss_args
     from c2vkd.engine.trainer import Trainer
 
-    cfg = load_config(args.config, args.overrides)
-    validate_loss_args(cfg, source=str(args.config))
+    oneline = [f for f, v in (("--teacher", getattr(args, "teacher", None)), ("--student/--model", args.student),
+                              ("--data", args.data), ("--iters", args.iters), ("--out", args.out)) if v]
+    if args.config is not None and oneline:
+        raise ConfigError(f"give either CONFIG ({args.config}) or the one-line options ({', '.join(oneline)}), "
+                          "not both; change a config's values with --set KEY=VALUE")
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    if args.config is None:
+        cfg, run_dir = _oneline_cfg(args, distill=distill)
+    else:
+        cfg = load_config(args.config, args.overrides)
+    validate_loss_args(cfg, source=str(args.config or "the one-line options"))
     uses_teacher = needs_teacher(cfg)
     if distill and not uses_teacher:
         raise ConfigError(f"{args.config}: `c2vkd distill` needs at least one distillation loss in `losses` "
                           f"(got {[e['name'] for e in cfg['losses']]}); use `c2vkd train` for supervised training")
     if not distill and uses_teacher:
         raise ConfigError(f"{args.config}: the config has distillation losses; run it with `c2vkd distill`")
-    trainer = Trainer(cfg, run_dir=Path(args.run_dir) if args.run_dir else None, resume=args.resume)
+    trainer = Trainer(cfg, run_dir=run_dir, resume=args.resume)
     result = trainer.fit()
     if result.final_metrics is not None and trainer.main:  # one line, not one per torchrun worker
         print(json.dumps({"run_dir": str(result.run_dir), "miou": result.final_metrics.get("miou")}))
@@ -336,6 +452,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_info(args)
         if args.command == "cache-teacher":
             return cmd_cache_teacher(args)
+        if args.command == "models":
+            return cmd_models(args)
+        if args.command == "methods":
+            return cmd_methods(args)
         if args.command == "config":
             from c2vkd.engine.loss_config import validate_loss_args
 
