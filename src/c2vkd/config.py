@@ -2,7 +2,9 @@
 
 Every key is validated against :data:`DEFAULTS` (the schema *and* the default values): an unknown key is
 an error that names the file and suggests the closest valid key, a value of the wrong type is an error,
-and nothing is dropped silently. Loss entries are checked against each loss's constructor signature.
+and nothing is dropped silently. Loss entries are checked for structure here; their names and arguments are
+checked against the loss registry by ``c2vkd.engine.loss_config.validate_loss_args`` (CLI, compare, Trainer),
+so this module stays the base layer (it imports no torch and no losses).
 
 Resolution order: DEFAULTS <- base files (depth first, in list order) <- the file itself <- --set overrides.
 Dicts merge key by key; lists and scalars replace. ``_base_`` paths are relative to the including file; a
@@ -12,7 +14,6 @@ with the package (``c2vkd/configs``), so user configs can inherit the presets wi
 from __future__ import annotations
 
 import copy
-import inspect
 import re
 from pathlib import Path
 from typing import Any
@@ -378,24 +379,14 @@ def validate(cfg: dict[str, Any], *, source: str = "config", partial: bool = Fal
 
 
 def _validate_losses(value: Any, source: str) -> None:
-    from c2vkd.losses import LOSSES  # local: config must stay importable without torch-heavy modules
-
+    """Structure only: a list of mappings with a ``name``. Whether the names are registered losses and their
+    arguments fit the constructors is checked by ``c2vkd.engine.loss_config.validate_loss_args`` (the config
+    is the base layer and does not import the losses)."""
     if not isinstance(value, list):
         raise ConfigError(f"{source}: losses must be a list of {{name: ..., weight: ...}} entries")
     for i, entry in enumerate(value):
         if not isinstance(entry, dict) or "name" not in entry:
             raise ConfigError(f"{source}: losses[{i}] must be a mapping with a 'name' key, got {entry!r}")
-        name = entry["name"]
-        try:
-            cls = LOSSES.get(name)
-        except KeyError as e:
-            raise ConfigError(f"{source}: losses[{i}]: {e.args[0]}") from None
-        params = inspect.signature(cls.__init__).parameters
-        accepted = [p for p in params if p not in ("self", "ctx")]
-        for key in entry:
-            if key != "name" and key not in accepted:
-                raise ConfigError(f"{source}: losses[{i}] ({name}): unknown argument {key!r}."
-                                  f"{suggest(key, accepted)} Accepted: {', '.join(accepted)}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None, *,

@@ -33,7 +33,6 @@ Conventions
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -43,6 +42,7 @@ from torch import Tensor, nn
 
 from c2vkd import IGNORE_INDEX
 from c2vkd.metrics import ConfusionMatrix, SegMetrics
+from c2vkd.utils.device import autocast_ctx
 
 __all__ = [
     "predict_logits",
@@ -295,17 +295,6 @@ def predict_logits(
 # ----------------------------------------------------------------------------------------- evaluate
 
 
-def _autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if amp == "off":
-        return contextlib.nullcontext()
-    if amp not in ("bf16", "fp16"):
-        raise ValueError(f"amp must be 'off', 'bf16' or 'fp16', got {amp!r}")
-    if device.type == "cpu" and amp == "fp16":
-        raise ValueError("amp='fp16' is only supported on CUDA; use 'bf16' or 'off' on CPU")
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def _is_main_process() -> bool:
     import torch.distributed as dist
 
@@ -346,7 +335,7 @@ def evaluate(
     device = torch.device(device)
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
-    _autocast(amp, device)  # validate early
+    autocast_ctx(device, amp)  # validate early
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     cm = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
@@ -375,7 +364,7 @@ def evaluate(
                     raise ValueError(f"labels must be [B, H, W], got {tuple(labels.shape)}")
                 if mode == "center_crop":
                     labels = crop_labels_like(labels, (images.shape[-2], images.shape[-1]), window)  # type: ignore[arg-type]
-                with _autocast(amp, device):
+                with autocast_ctx(device, amp):
                     logits = predict_logits(
                         model,
                         images,

@@ -2,10 +2,14 @@
 
 For every image ``NAME.(jpg|jpeg|png)`` in ``--input`` (a file or a folder, not recursive) it writes to ``--out``:
 
-* ``NAME_pred.png``: the student's prediction, one palette colour per class;
+* ``NAME_mask.png``: the student's prediction as raw class ids (8-bit palette PNG: pixel value = class id,
+  the palette shows the class colours), for scripts and annotation tools;
+* ``NAME_pred.png``: the student's prediction, one palette colour per class (RGB);
 * ``NAME_overlay.png``: the image blended with that colour map (``--alpha`` = colour weight);
-* with ``--teacher``: ``NAME_teacher_pred.png`` and ``NAME_side_by_side.png`` (image | student overlay |
-  teacher overlay), the teacher being ``teacher.name`` / ``teacher.checkpoint`` of the config.
+* ``NAME_side_by_side.png``: captioned panels (image | student overlay [| teacher overlay]) with a legend of
+  the classes predicted (colour swatch + id + name);
+* with ``--teacher``: also ``NAME_teacher_mask.png`` and ``NAME_teacher_pred.png``, the teacher being
+  ``teacher.name`` / ``teacher.checkpoint`` of the config.
 
 Images go through the config's evaluation transform (``data.eval_transform``, normalisation) and inference
 mode (``eval.mode`` / ``window`` / ``stride`` / ``scales`` / ``flip``, ``train.amp``), exactly as `c2vkd eval`
@@ -32,10 +36,12 @@ from torch import nn
 from c2vkd.data.base import IMAGE_EXTS, DatasetError, load_image
 from c2vkd.data.build import build_transform, index_split, resolve_data_cfg
 from c2vkd.data.meta import voc_colormap
+from c2vkd.data.show import blend, figure, legend_for, save_mask
 from c2vkd.data.transforms import denormalize, resize_image
-from c2vkd.engine.trainer import _hw, pick_device
 from c2vkd.engine.weights import build_for_eval, read_c2vkd_weights
-from c2vkd.inference import _autocast, predict_logits
+from c2vkd.inference import predict_logits
+from c2vkd.utils.device import autocast_ctx, pick_device
+from c2vkd.utils.sizes import as_hw
 
 log = logging.getLogger("c2vkd")
 
@@ -111,11 +117,6 @@ def _load_teacher(cfg: dict[str, Any], num_classes: int, device: torch.device) -
     return model
 
 
-def _blend(image: np.ndarray, color: np.ndarray, alpha: float) -> np.ndarray:
-    out = (1.0 - alpha) * image.astype(np.float32) + alpha * color.astype(np.float32)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-
 class Predictor:
     """Student (+ optional teacher) with the config's eval transform and inference mode."""
 
@@ -141,7 +142,7 @@ class Predictor:
         self.transform = build_transform(d, train=False)
         self.mean, self.std = d["mean"], d["std"]
         e = cfg["eval"]
-        self.mode, self.window, self.stride = e["mode"], _hw(e["window"]), _hw(e["stride"])
+        self.mode, self.window, self.stride = e["mode"], as_hw(e["window"]), as_hw(e["stride"])
         if self.mode == "center_crop":
             log.info("predict: eval.mode center_crop scores a central window only; predicting the whole image "
                      "with a sliding window of the same size")
@@ -151,7 +152,7 @@ class Predictor:
     def predict(self, model: nn.Module, image: torch.Tensor, out_hw: tuple[int, int]) -> np.ndarray:
         """Normalised [3, H, W] image -> int64 [h, w] class ids at ``out_hw``."""
         e = self.cfg["eval"]
-        with _autocast(self.cfg["train"]["amp"], self.device):
+        with autocast_ctx(self.device, self.cfg["train"]["amp"]):
             logits = predict_logits(model, image[None].to(self.device), mode=self.mode, window=self.window,
                                     stride=self.stride, scales=e["scales"], flip=e["flip"],
                                     num_classes=self.num_classes, out_size=out_hw)
@@ -177,16 +178,22 @@ class Predictor:
             else:  # the transform cropped: show the crop the prediction covers
                 vis = denormalize(x, self.mean, self.std).clamp(0, 1)
                 shown = (resize_image(vis, hw) * 255).round().byte().permute(1, 2, 0).numpy()
-            color = self.palette.colorize(self.predict(self.model, x, hw))
-            overlay = _blend(shown, color, alpha)
-            written += [_save(color, out / f"{stem}_pred.png"), _save(overlay, out / f"{stem}_overlay.png")]
+            ids = self.predict(self.model, x, hw)
+            color = self.palette.colorize(ids)
+            overlay = blend(shown, color, alpha)
+            written += [save_mask(ids, self.palette.colors, out / f"{stem}_mask.png"),
+                        _save(color, out / f"{stem}_pred.png"), _save(overlay, out / f"{stem}_overlay.png")]
+            panels, captions, all_ids = [shown, overlay], ["image", "student (overlay)"], [ids]
             if self.teacher is not None:
-                t_color = self.palette.colorize(self.predict(self.teacher, x, hw))
-                t_overlay = _blend(shown, t_color, alpha)
-                gap = np.full((hw[0], 8, 3), 255, dtype=np.uint8)
-                side = np.concatenate([shown, gap, overlay, gap, t_overlay], axis=1)
-                written += [_save(t_color, out / f"{stem}_teacher_pred.png"),
-                            _save(side, out / f"{stem}_side_by_side.png")]
+                t_ids = self.predict(self.teacher, x, hw)
+                t_color = self.palette.colorize(t_ids)
+                panels.append(blend(shown, t_color, alpha))
+                captions.append("teacher (overlay)")
+                all_ids.append(t_ids)
+                written += [save_mask(t_ids, self.palette.colors, out / f"{stem}_teacher_mask.png"),
+                            _save(t_color, out / f"{stem}_teacher_pred.png")]
+            side = figure(panels, captions, legend_for(all_ids, self.class_names, self.palette.colors))
+            written.append(_save(side, out / f"{stem}_side_by_side.png"))
         return written
 
 

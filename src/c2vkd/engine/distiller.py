@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from c2vkd.engine.loss_config import teacher_losses
 from c2vkd.losses import LOSSES, DistillLoss, LossContext, LossInputs
 from c2vkd.models import FeatureTaps, probe_shapes
 
@@ -44,7 +45,7 @@ class Distiller(nn.Module):
         super().__init__()
         self.student = student
         self.num_classes = num_classes
-        needs_teacher = [e["name"] for e in loss_cfgs if LOSSES.get(e["name"]).requires_teacher]
+        needs_teacher = teacher_losses(loss_cfgs)
         if teacher is not None and teacher_cache is not None:
             raise ValueError("give the Distiller a teacher or a teacher cache, not both")
         if needs_teacher and teacher is None and teacher_cache is None:

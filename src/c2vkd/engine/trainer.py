@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import signal
 import time
 from contextlib import nullcontext
@@ -21,95 +20,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from c2vkd.config import dump_config
 from c2vkd.data import build_dataloader, build_dataset
+from c2vkd.engine import checkpoints
 from c2vkd.engine.distiller import Distiller
-from c2vkd.engine.schedule import lr_factor
+from c2vkd.engine.evaluation import evaluate_split
+from c2vkd.engine.failures import (NonFiniteLossError, TrainingInterrupted, TrainingOutOfMemoryError,
+                                   handle_non_finite, oom_message)
+from c2vkd.engine.loss_config import needs_teacher, validate_loss_args
+from c2vkd.engine.optim import build_optimizer, build_scheduler, distiller_param_groups
+from c2vkd.engine.run_log import RunLog
+from c2vkd.engine.teacher_cache.store import CachedTeacherDataset, open_for_config
+from c2vkd.engine.runtime import autocast_ctx, pick_device, rng_state, seed_everything, set_rng_state
 from c2vkd.engine.weights import build_from_config, save_student
-from c2vkd.inference import evaluate
-from c2vkd.losses import LOSSES
 from c2vkd.metrics import format_table
 from c2vkd.utils import dist
-from c2vkd.utils.io import CheckpointError, atomic_save, safe_load, verify
 from c2vkd.utils.logging import setup_logging
 
 log = logging.getLogger("c2vkd")
 
-
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
-class TrainingOutOfMemoryError(torch.OutOfMemoryError):
-    """Out of (GPU) memory in a training step; the message lists the config knobs that reduce memory."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """SIGTERM / SIGINT stopped training after a checkpoint was written; ``--resume auto`` continues."""
-
-    def __init__(self, signum: int, iteration: int, checkpoint: Path | None) -> None:
-        self.signum, self.iteration, self.checkpoint = signum, iteration, checkpoint
-        try:
-            name = signal.Signals(signum).name
-        except ValueError:
-            name = f"signal {signum}"
-        where = f"checkpoint saved to {checkpoint}; " if checkpoint else ""
-        super().__init__(f"stopped by {name} at iteration {iteration}: {where}continue with --resume auto")
-
-
-def pick_device(spec: str) -> torch.device:
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist.local_rank())
-        return torch.device("cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={spec!r} but CUDA is not available on this machine")
-    return dev
-
-
-def autocast_ctx(device: torch.device, amp: str):
-    if amp == "off":
-        return nullcontext()
-    if amp not in ("bf16", "fp16"):
-        raise ValueError(f"train.amp must be off, bf16 or fp16, got {amp!r}")
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError("train.amp=fp16 needs a CUDA device; use bf16 on CPU")
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(_to_tuple(state["python"]))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _to_tuple(x: Any) -> Any:
-    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+__all__ = ["NonFiniteLossError", "RunResult", "Trainer", "TrainingInterrupted", "TrainingOutOfMemoryError"]
 
 
 @dataclass
@@ -122,6 +55,7 @@ class RunResult:
 
 class Trainer:
     def __init__(self, cfg: dict[str, Any], *, run_dir: Path | None = None, resume: str | None = None) -> None:
+        validate_loss_args(cfg)
         self.cfg = cfg
         exp, tr = cfg["experiment"], cfg["train"]
         self.device = pick_device(tr["device"])
@@ -149,10 +83,7 @@ class Trainer:
         if cfg["student"]["sync_bn"]:
             self.student = self._sync_bn(self.student)
         self.teacher_cache = None
-        if cfg["teacher"]["cache"] and self.teacher is not None and any(
-                LOSSES.get(e["name"]).requires_teacher for e in cfg["losses"]):
-            from c2vkd.engine.teacher_cache import open_for_config
-
+        if cfg["teacher"]["cache"] and self.teacher is not None and needs_teacher(cfg):
             # the teacher is built (same RNG stream as a live run) only to fingerprint its weights, never run
             self.teacher_cache = open_for_config(cfg["teacher"]["cache"], cfg, self.train_set, self.teacher)
             self.teacher = None
@@ -160,14 +91,9 @@ class Trainer:
         self.model = Distiller(self.student, cfg["losses"], num_classes=self.num_classes,
                                ignore_index=self.ignore_index, teacher=self.teacher,
                                probe_hw=crop, teacher_cache=self.teacher_cache).to(self.device)
-        self.optimizer = self._build_optimizer()
-        sch = cfg["schedule"]
-        self.total_iters = int(sch["iters"])
-        lr = cfg["optim"]["lr"]
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, iters=self.total_iters, warmup_iters=sch["warmup_iters"],
-                                                warmup_ratio=sch["warmup_ratio"], power=sch["power"],
-                                                base_lr=lr, min_lr=sch["min_lr"]))
+        self.optimizer = build_optimizer(distiller_param_groups(self.model, self.student, cfg["optim"]), cfg["optim"])
+        self.total_iters = int(cfg["schedule"]["iters"])
+        self.scheduler = build_scheduler(self.optimizer, cfg["schedule"], cfg["optim"]["lr"])
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=(self.amp == "fp16"))
         if self.rank:  # rank 0 keeps the single-process stream
             seed_everything(exp["seed"] + self.rank)
@@ -200,31 +126,12 @@ class Trainer:
         log.info("student.sync_bn: converting %d BatchNorm layers to SyncBatchNorm", n)
         return nn.SyncBatchNorm.convert_sync_batchnorm(student)
 
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        o = self.cfg["optim"]
-        head_ids = {id(p) for p in self.model.head_parameters()}
-        decode = getattr(self.student, "decode_head_parameters", None)
-        if callable(decode):
-            head_ids |= {id(p) for p in decode()}
-        base, heads = [], []
-        for p in self.model.parameters():
-            if p.requires_grad:
-                (heads if id(p) in head_ids else base).append(p)
-        groups = [{"params": base, "lr": o["lr"]}]
-        if heads:
-            groups.append({"params": heads, "lr": o["lr"] * o["head_lr_mult"]})
-        if o["name"] == "adamw":
-            return torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
-        if o["name"] == "sgd":
-            return torch.optim.SGD(groups, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
-        raise ValueError(f"optim.name must be adamw or sgd, got {o['name']!r}")
-
     def _ckpt_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
+        return checkpoints.checkpoint_dir(self.run_dir)
 
     def checkpoint_state(self) -> dict[str, Any]:
         return {
-            "format": "c2vkd-train-v1",
+            "format": checkpoints.FORMAT,
             "meta": {"model": self.cfg["student"]["name"], "num_classes": self.num_classes,
                      "kwargs": dict(self.cfg["student"]["kwargs"]), "classes": self.class_names,
                      "config": dump_config(self.cfg)},
@@ -244,45 +151,25 @@ class Trainer:
         rank_rngs = dist.all_gather_object(rng_state()) if self.world > 1 else None
         if not self.main:
             return None
-        name = tag or f"iter_{self.iteration:07d}"
         state = self.checkpoint_state()
         if rank_rngs is not None:
             state["rng_ranks"] = rank_rngs
-        path = atomic_save(state, self._ckpt_dir() / f"{name}.pt")
+        path = checkpoints.save(state, self._ckpt_dir(), tag or checkpoints.checkpoint_name(self.iteration))
         if tag is None:
-            self._retain()
+            checkpoints.retain(self._ckpt_dir(), int(self.cfg["train"]["keep_last"]))
         log.info("saved checkpoint %s", path)
         return path
 
-    def _retain(self) -> None:
-        keep = int(self.cfg["train"]["keep_last"])
-        ckpts = sorted(self._ckpt_dir().glob("iter_*.pt"))
-        for old in ckpts[:-keep] if keep > 0 else []:
-            old.unlink(missing_ok=True)
-            old.with_name(old.name + ".sha256").unlink(missing_ok=True)
-
     def _resume(self, spec: str) -> None:
         if spec == "auto":
-            candidates = sorted(self._ckpt_dir().glob("iter_*.pt"), reverse=True)
-            path = None
-            for c in candidates:
-                if verify(c):
-                    path = c
-                    break
-                log.warning("checkpoint %s fails its checksum (truncated or corrupt); trying the previous one", c)
+            path = checkpoints.latest_valid(self._ckpt_dir())
             if path is None:
                 log.info("--resume auto: no valid checkpoint in %s, starting from scratch", self._ckpt_dir())
                 return
         else:
             path = Path(spec)
-        state = safe_load(path)
-        if state.get("format") != "c2vkd-train-v1":
-            raise CheckpointError(f"{path} is not a c2vkd training checkpoint (no format tag); use it as "
-                                  "student.pretrained or teacher.checkpoint instead of --resume")
-        meta = state["meta"]
-        if meta["model"] != self.cfg["student"]["name"] or meta["num_classes"] != self.num_classes:
-            raise CheckpointError(f"{path} holds {meta['model']} with {meta['num_classes']} classes, but this run "
-                                  f"trains {self.cfg['student']['name']} with {self.num_classes} classes")
+        state = checkpoints.load_training_checkpoint(path, model=self.cfg["student"]["name"],
+                                                     num_classes=self.num_classes)
         self.student.load_state_dict(state["student"])
         self.model.losses.load_state_dict(state["loss_heads"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -323,15 +210,10 @@ class Trainer:
                              f"world size {self.world}")
         per_rank = batch // self.world
         loader = self.train_loader(per_rank, accum)
-        writer = self._writer()
-        jsonl = open(self.run_dir / "metrics.jsonl", "a") if self.main else None
+        run_log = RunLog(self.run_dir, main=self.main, device=self.device)
         old_handlers = self._install_signal_handlers()
-        progress = None
-        if self.main and tr["progress"]:
-            from tqdm.auto import tqdm
-
-            progress = tqdm(total=self.total_iters, initial=self.iteration, desc="train", unit="it",
-                            dynamic_ncols=True)
+        if tr["progress"]:
+            run_log.open_bar(self.total_iters, self.iteration)
         data_iter = iter(loader)
         val_every, ckpt_every = int(tr["val_interval"]), int(tr["ckpt_interval"])
         self.model.train()
@@ -345,8 +227,7 @@ class Trainer:
                 imgs_since += n_img
                 self.scheduler.step()
                 self.iteration += 1
-                if progress is not None:
-                    progress.update(1)
+                run_log.step()
                 if self.iteration % int(tr["log_interval"]) == 0 or self.iteration == self.total_iters:
                     terms_acc = self._reduce_terms(terms_acc)  # mean over ranks: the global-batch value
                     now = time.perf_counter()
@@ -355,9 +236,10 @@ class Trainer:
                            "img_per_s": imgs_since / max(now - t_last, 1e-9), "grad_norm": grad_norm,
                            "skipped": skipped, **terms_acc}
                     t_last, imgs_since = now, 0
-                    self._log(rec, writer, jsonl, progress)
+                    self.history.append(rec)
+                    run_log.train(rec)
                 if val_every and self.iteration % val_every == 0 and self.iteration < self.total_iters:
-                    self._validate(writer, jsonl)
+                    self._validate(run_log)
                 if ckpt_every and self.iteration % ckpt_every == 0 and self.iteration < self.total_iters:
                     self.save_checkpoint()
                 signum = self._stop_requested()
@@ -366,18 +248,14 @@ class Trainer:
                                 signum, self.iteration)
                     raise TrainingInterrupted(signum, self.iteration, self.save_checkpoint())
         except BaseException:
-            if jsonl:
-                jsonl.close()
-            if writer:
-                writer.close()
+            run_log.close()
             raise
         finally:
-            if progress is not None:
-                progress.close()
+            run_log.close_bar()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
         self.save_checkpoint()
-        val = self._validate(writer, jsonl)
+        val = self._validate(run_log)
         result = RunResult(self.run_dir, best_miou=self.best_miou, history=self.history)
         split = cfg["eval"]["final_split"]
         if split:
@@ -386,17 +264,13 @@ class Trainer:
             if self.main:
                 (self.run_dir / f"eval_{split}.json").write_text(json.dumps(result.final_metrics, indent=1))
                 log.info("final evaluation on %s:\n%s", split, format_table(m, self.class_names))
-                if jsonl:
-                    jsonl.write(json.dumps({"iter": self.iteration, "eval_split": split, "miou": m.miou}) + "\n")
+                run_log.record({"iter": self.iteration, "eval_split": split, "miou": m.miou})
         elif val is not None:
             result.final_metrics = val
         if self.main:
             save_student(self.run_dir / "student.safetensors", self.student, self.cfg["student"]["name"],
                          self.num_classes, self.cfg["student"]["kwargs"], self.class_names)
-        if jsonl:
-            jsonl.close()
-        if writer:
-            writer.close()
+        run_log.close()
         dist.barrier()
         return result
 
@@ -406,8 +280,6 @@ class Trainer:
         d = self.cfg["data"]
         train_set = self.train_set
         if self.teacher_cache is not None:
-            from c2vkd.engine.teacher_cache import CachedTeacherDataset
-
             train_set = CachedTeacherDataset(self.train_set, self.teacher_cache)  # workers read the cached views
         return build_dataloader(train_set, batch_size=per_rank, train=True, seed=self.cfg["experiment"]["seed"],
                                 num_workers=d["num_workers"], rank=self.rank, world_size=self.world,
@@ -477,84 +349,20 @@ class Trainer:
         return sig
 
     def _oom_message(self, err: BaseException, per_rank: int, accum: int) -> str:
-        d, tr = self.cfg["data"], self.cfg["train"]
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        hints = [f"lower data.batch_size (now {d['batch_size']} in total, {per_rank} per process) and raise "
-                 f"train.accum_steps (now {accum}) to keep the effective batch",
-                 f"train on smaller crops: data.train_transform.crop_size (now {list(d['train_transform']['crop_size'])})"]
-        if tr["amp"] == "off":
-            hints.append("use mixed precision: train.amp=bf16 (fp16 on GPUs without bf16)")
-        for i, e in enumerate(self.cfg["losses"]):
-            if e["name"] == "vlfd" and e.get("graph_mode") == "naive":
-                hints.append(f"losses.{i}.graph_mode=gram (the VLFD patch graph in C x C memory instead of N x N)")
-            if e["name"] == "cirkd":
-                hints.append(f"lower losses.{i}.max_elements (CIRKD relation chunk size) or losses.{i}.memory_size")
-        hints.append("a smaller teacher / student, or more GPUs (torchrun --nproc-per-node N)")
-        mem = ""
-        if self.device.type == "cuda" and torch.cuda.is_available():
-            mem = f"; peak allocated {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
-        return (f"out of memory in training step {self.iteration + 1} on {self.device} ({first}{mem}). "
-                "To fit, " + "; ".join(hints))
+        return oom_message(err, self.cfg, self.device, self.iteration, per_rank, accum)
 
     def _non_finite(self, terms: dict[str, torch.Tensor], sample: dict[str, Any]) -> bool:
-        bad = {k: float(v) for k, v in terms.items() if not k.endswith("/w")}
-        offenders = [k for k, v in bad.items() if not math.isfinite(v)]
-        msg = (f"non-finite loss at iteration {self.iteration + 1}: offending term(s) {offenders or list(bad)}; "
-               f"all terms {bad}; images {list(sample.get('name', []))}")
-        if self.cfg["train"]["nan_policy"] == "skip":
-            log.warning("%s -> step skipped (train.nan_policy=skip)", msg)
-            return True
-        if self.main:
-            dump = self.run_dir / "nan_debug.json"
-            dump.write_text(json.dumps({"iteration": self.iteration + 1, "terms": {k: repr(v) for k, v in bad.items()},
-                                        "images": list(sample.get("name", []))}, indent=1))
-            msg += f"; debug dump {dump}"
-        raise NonFiniteLossError(msg + ". Lower optim.lr, enable train.grad_clip, use amp bf16 instead of fp16, "
-                                 "or set train.nan_policy=skip")
-
-    def _writer(self):
-        if not self.main:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is a dependency, but keep training if it is broken
-            log.warning("tensorboard is not importable; only metrics.jsonl is written")
-            return None
-        return SummaryWriter(str(self.run_dir / "tb"))
-
-    def _log(self, rec: dict[str, Any], writer, jsonl, progress) -> None:
-        self.history.append(rec)
-        if not self.main:
-            return
-        if jsonl:
-            jsonl.write(json.dumps(rec) + "\n")
-            jsonl.flush()
-        if writer:
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None and k != "iter":
-                    tag = f"loss/{k}" if k not in ("lr", "img_per_s", "grad_norm", "loss") else f"train/{k}"
-                    writer.add_scalar(tag, v, rec["iter"])
-            if torch.cuda.is_available() and self.device.type == "cuda":
-                writer.add_scalar("train/max_mem_gb", torch.cuda.max_memory_allocated(self.device) / 2**30, rec["iter"])
-            else:  # CPU: the process's peak resident set size (Linux reports KiB)
-                import resource
-
-                writer.add_scalar("train/max_rss_gb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                                  rec["iter"])
-        if progress is not None:
-            progress.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{rec['img_per_s']:.1f}")
+        """True (skip the step) under ``train.nan_policy=skip``, else :class:`NonFiniteLossError`."""
+        return handle_non_finite(terms, sample, iteration=self.iteration, policy=self.cfg["train"]["nan_policy"],
+                                 dump_dir=self.run_dir if self.main else None)
 
     def evaluate_split(self, split: str):
-        e, d = self.cfg["eval"], self.cfg["data"]
-        dataset = build_dataset(d, split, train=False)
-        loader = build_dataloader(dataset, batch_size=d["eval_batch_size"], train=False,
-                                  num_workers=d["num_workers"], rank=self.rank, world_size=self.world)
-        return evaluate(self.student, loader, num_classes=self.num_classes, device=self.device, mode=e["mode"],
-                        window=_hw(e["window"]), stride=_hw(e["stride"]), scales=e["scales"], flip=e["flip"],
-                        amp=self.amp, progress=self.main and self.cfg["train"]["progress"],
-                        max_batches=self.cfg["train"]["max_val_batches"])
+        """The student on ``split`` with the config's eval settings, sharded over the ranks."""
+        return evaluate_split(self.student, self.cfg, split, device=self.device, rank=self.rank, world=self.world,
+                              progress=self.main and self.cfg["train"]["progress"],
+                              max_batches=self.cfg["train"]["max_val_batches"])[0]
 
-    def _validate(self, writer, jsonl) -> dict[str, Any] | None:
+    def _validate(self, run_log: RunLog) -> dict[str, Any] | None:
         split = self.cfg["eval"]["split"]
         if not split:
             return None
@@ -562,22 +370,11 @@ class Trainer:
         self.model.train()
         rec = {"iter": self.iteration, "val_split": split, "miou": m.miou, "acc": m.acc, "macc": m.macc}
         self.history.append(rec)
+        run_log.validation(rec)
         if self.main:
-            log.info("iteration %d: %s mIoU %.2f  aAcc %.2f", self.iteration, split, 100 * m.miou, 100 * m.acc)
-            if writer:
-                writer.add_scalar(f"val/{split}_miou", m.miou, self.iteration)
-            if jsonl:
-                jsonl.write(json.dumps(rec) + "\n")
             if m.miou > self.best_miou:
                 self.best_miou = m.miou
                 save_student(self.run_dir / "best_student.safetensors", self.student, self.cfg["student"]["name"],
                              self.num_classes, self.cfg["student"]["kwargs"], self.class_names)
         return rec
 
-
-def _hw(v: Any) -> tuple[int, int] | None:
-    if v is None:
-        return None
-    if isinstance(v, int):
-        return (v, v)
-    return (int(v[0]), int(v[1]))

@@ -39,6 +39,18 @@ def save_student(path: Path, model: nn.Module, name: str, num_classes: int, kwar
     return path
 
 
+def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, what: str, arch: str,
+                   allow_partial: bool = False, error: type[Exception] = CheckpointError) -> None:
+    """Load ``state`` into ``model``; missing or unexpected keys are an ``error`` naming ``what`` (the file)
+    and ``arch``, or, with ``allow_partial``, a loud PARTIAL LOAD warning. Shape mismatches raise from torch."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if (missing or unexpected) and not allow_partial:
+        raise error(f"{what}: state dict does not fit {arch}: missing {list(missing)[:10]}, "
+                    f"unexpected {list(unexpected)[:10]}")
+    if missing or unexpected:
+        log.warning("PARTIAL LOAD of %s: %d missing, %d unexpected keys", what, len(missing), len(unexpected))
+
+
 def read_c2vkd_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     """(state_dict, meta) for a c2vkd training checkpoint or student export; None for foreign files."""
     path = Path(path)
@@ -72,12 +84,7 @@ def load_model_weights(model: nn.Module, path: str | Path, *, name: str, num_cla
     if meta["model"] != name or int(meta["num_classes"]) != num_classes:
         raise CheckpointError(f"{path} holds a {meta['model']} with {meta['num_classes']} classes, but the config "
                               f"asks for {name} with {num_classes} classes")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if (missing or unexpected) and not allow_partial:
-        raise CheckpointError(f"{path}: state dict does not fit {name}: missing {list(missing)[:10]}, "
-                              f"unexpected {list(unexpected)[:10]}")
-    if missing or unexpected:
-        log.warning("PARTIAL LOAD of %s: %d missing, %d unexpected keys", path, len(missing), len(unexpected))
+    fit_state_dict(model, state, what=str(path), arch=name, allow_partial=allow_partial)
 
 
 def build_from_config(cfg: dict[str, Any], num_classes: int, class_names: list[str],
@@ -119,10 +126,7 @@ def build_for_eval(path: str | Path, cfg: dict[str, Any] | None, num_classes: in
         if meta["num_classes"] != num_classes:
             raise CheckpointError(f"{path} predicts {meta['num_classes']} classes, the dataset has {num_classes}")
         model = build_model(meta["model"], num_classes, **meta.get("kwargs", {}))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(f"{path}: state dict does not fit {meta['model']}: missing {list(missing)[:10]}, "
-                                  f"unexpected {list(unexpected)[:10]}")
+        fit_state_dict(model, state, what=str(path), arch=meta["model"])
         return model.to(device).eval(), meta["model"]
     if cfg is None:
         raise CheckpointError(f"{path} is not a c2vkd file; give a config naming the architecture")

@@ -1,0 +1,62 @@
+"""Training checkpoints of a run directory: what one holds, atomic save, retention, resume.
+
+Layout: ``<run>/checkpoints/iter_<7-digit iteration>.pt`` (+ ``.sha256`` sidecar), written atomically by
+:func:`c2vkd.utils.io.atomic_save` and loaded with ``weights_only=True`` (:func:`c2vkd.utils.io.safe_load`).
+A checkpoint is a dict tagged ``format: c2vkd-train-v1`` holding the student, the loss heads, optimizer,
+scheduler, scaler and RNG states, the iteration and best validation mIoU, and ``meta`` (model name, class
+count, kwargs, class names, resolved config) so it can also be used as a pretrained / teacher checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from c2vkd.utils.io import CheckpointError, atomic_save, safe_load, verify
+
+log = logging.getLogger("c2vkd")
+
+FORMAT = "c2vkd-train-v1"
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def save(state: dict[str, Any], ckpt_dir: Path, name: str) -> Path:
+    """Write ``<ckpt_dir>/<name>.pt`` atomically with its checksum sidecar."""
+    return atomic_save(state, Path(ckpt_dir) / f"{name}.pt")
+
+
+def retain(ckpt_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` ``iter_*.pt`` checkpoints (and their sidecars); ``keep <= 0`` keeps all."""
+    ckpts = sorted(Path(ckpt_dir).glob("iter_*.pt"))
+    for old in ckpts[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+        old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+
+
+def latest_valid(ckpt_dir: Path) -> Path | None:
+    """Newest ``iter_*.pt`` whose checksum verifies (corrupt or truncated ones are skipped with a warning)."""
+    for c in sorted(Path(ckpt_dir).glob("iter_*.pt"), reverse=True):
+        if verify(c):
+            return c
+        log.warning("checkpoint %s fails its checksum (truncated or corrupt); trying the previous one", c)
+    return None
+
+
+def load_training_checkpoint(path: Path, *, model: str, num_classes: int) -> dict[str, Any]:
+    """Load a training checkpoint for ``--resume`` and check it was made for this student and class count."""
+    state = safe_load(path)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a c2vkd training checkpoint (no format tag); use it as "
+                              "student.pretrained or teacher.checkpoint instead of --resume")
+    meta = state["meta"]
+    if meta["model"] != model or meta["num_classes"] != num_classes:
+        raise CheckpointError(f"{path} holds {meta['model']} with {meta['num_classes']} classes, but this run "
+                              f"trains {model} with {num_classes} classes")
+    return state

@@ -1,0 +1,66 @@
+"""Optimizer and learning-rate schedule of a run: parameter groups, AdamW / SGD, warm-up + poly decay.
+
+Parameter groups (:func:`param_groups`), in this order (the order is part of the optimizer state a
+checkpoint stores, so it must not change between a run and its resume):
+
+1. ``base``: every trainable parameter of the Distiller that is not in a head group, at ``optim.lr``;
+2. ``heads`` (only when non-empty): the student's decode head (``decode_head_parameters()`` when the model
+   defines it) and the losses' alignment heads, at ``optim.lr * optim.head_lr_mult``.
+
+Each group dict carries a ``name`` key for logs and for code that adds groups; the schedule scales every
+group's own initial lr by the same factor (:func:`c2vkd.engine.schedule.lr_factor`).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from c2vkd.engine.schedule import lr_factor
+
+
+def param_groups(model: nn.Module, *, head_params: Iterable[nn.Parameter], lr: float,
+                 head_lr_mult: float) -> list[dict[str, Any]]:
+    """Split ``model``'s trainable parameters (in ``model.parameters()`` order) into the base group and the
+    head group (``head_params``: decode head + alignment heads), see the module docstring."""
+    head_ids = {id(p) for p in head_params}
+    base, heads = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (heads if id(p) in head_ids else base).append(p)
+    groups = [{"name": "base", "params": base, "lr": lr}]
+    if heads:
+        groups.append({"name": "heads", "params": heads, "lr": lr * head_lr_mult})
+    return groups
+
+
+def distiller_param_groups(distiller: nn.Module, student: nn.Module, optim_cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The groups of a training run: the Distiller's loss heads and the student's decode head (if the student
+    names it with ``decode_head_parameters()``) at the head lr, the rest at ``optim.lr``."""
+    heads = list(distiller.head_parameters())  # type: ignore[operator]
+    decode = getattr(student, "decode_head_parameters", None)
+    if callable(decode):
+        heads += list(decode())
+    return param_groups(distiller, head_params=heads, lr=optim_cfg["lr"], head_lr_mult=optim_cfg["head_lr_mult"])
+
+
+def build_optimizer(groups: list[dict[str, Any]], optim_cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    """``optim.name``: ``adamw`` (betas, weight_decay) or ``sgd`` (momentum, weight_decay)."""
+    o = optim_cfg
+    if o["name"] == "adamw":
+        return torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
+    if o["name"] == "sgd":
+        return torch.optim.SGD(groups, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
+    raise ValueError(f"optim.name must be adamw or sgd, got {o['name']!r}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule_cfg: dict[str, Any], base_lr: float,
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up + poly decay over ``schedule.iters`` optimizer steps (one ``step()`` per iteration)."""
+    sch = schedule_cfg
+    total = int(sch["iters"])
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, iters=total, warmup_iters=sch["warmup_iters"],
+                                       warmup_ratio=sch["warmup_ratio"], power=sch["power"],
+                                       base_lr=base_lr, min_lr=sch["min_lr"]))

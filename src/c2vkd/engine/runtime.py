@@ -1,0 +1,47 @@
+"""Process runtime for a run: device, autocast, seeding and the RNG state a checkpoint carries.
+
+``pick_device`` and ``autocast_ctx`` live in :mod:`c2vkd.utils.device` (evaluation and inference need them
+too, below the engine) and are re-exported here so the engine has one place for its runtime helpers."""
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from c2vkd.utils.device import autocast_ctx, pick_device
+
+__all__ = ["autocast_ctx", "pick_device", "rng_state", "seed_everything", "set_rng_state"]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch and CUDA generator states as tensors / plain values (loadable with weights_only)."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_to_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_tuple(x: Any) -> Any:
+    # weights_only loading turns the tuples of random.getstate() into lists
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
