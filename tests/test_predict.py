@@ -57,9 +57,9 @@ def test_predict_writes_palette_colours_and_overlays(setup: Path, tmp_path: Path
     out = tmp_path / "out"
     assert main(_args(setup, out, "--teacher", "--alpha", "0.25")) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert len(names) == 3 * 4
-    assert names[:4] == ["test_000_overlay.png", "test_000_pred.png", "test_000_side_by_side.png",
-                         "test_000_teacher_pred.png"]
+    assert len(names) == 3 * 6
+    assert names[:6] == ["test_000_mask.png", "test_000_overlay.png", "test_000_pred.png",
+                         "test_000_side_by_side.png", "test_000_teacher_mask.png", "test_000_teacher_pred.png"]
     image = np.asarray(Image.open(setup / "ds/images/test/test_000.png").convert("RGB")).astype(np.float32)
     pred = _rgb(out / "test_000_pred.png")
     assert pred.shape == (24, 32, 3) and (pred == PALETTE[2]).all()  # the dataset's colour of class 2
@@ -67,7 +67,7 @@ def test_predict_writes_palette_colours_and_overlays(setup: Path, tmp_path: Path
     expected = np.rint(0.75 * image + 0.25 * np.array(PALETTE[2], np.float32)).astype(np.uint8)
     assert np.abs(_rgb(out / "test_000_overlay.png").astype(int) - expected).max() <= 1
     side = _rgb(out / "test_000_side_by_side.png")
-    assert side.shape == (24, 3 * 32 + 2 * 8, 3)
+    assert side.shape[1] == 3 * 32 + 2 * 8 and side.shape[0] > 24  # three panels, plus caption and legend rows
 
 
 def test_predict_single_image_generated_palette(setup: Path, tmp_path: Path,
@@ -75,7 +75,8 @@ def test_predict_single_image_generated_palette(setup: Path, tmp_path: Path,
     monkeypatch.setattr(_toy.ToyViT, "forward", _constant(0))
     out = tmp_path / "one"
     assert main(_args(setup, out, root="ds_nopal", inp=setup / "ds/images/test/test_001.png")) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["test_001_overlay.png", "test_001_pred.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["test_001_mask.png", "test_001_overlay.png", "test_001_pred.png",
+                                                     "test_001_side_by_side.png"]
     colour = generated_palette(3)[0]
     assert (_rgb(out / "test_001_pred.png") == colour).all() and colour.any()  # not black
 

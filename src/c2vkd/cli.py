@@ -101,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--splits", default=None, help="comma-separated splits (default: all present)")
     q.add_argument("--num-classes", type=int, default=None)
     q.add_argument("--ignore-index", type=int, default=None)
+    q = dsub.add_parser("show", help="ground-truth overlays with a legend for a few samples of every split")
+    q.add_argument("root")
+    q.add_argument("--format", default=None, help="dataset format (default: detected from the folder)")
+    q.add_argument("--splits", default=None, help="comma-separated splits (default: all present)")
+    q.add_argument("--per-split", type=int, default=3, help="samples per split, evenly spaced (default 3)")
+    q.add_argument("--out", default=None, help="output folder (default: ./data_show)")
+    q.add_argument("--alpha", type=float, default=0.5, help="colour weight of the overlays (0..1)")
 
     p = sub.add_parser("taps", help="list every tappable module of a model with output shape and stride")
     p.add_argument("model")
@@ -345,6 +352,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     from c2vkd.data import check_dataset, format_report
+
+    if args.data_command == "show":
+        from c2vkd.data.show import show_dataset
+
+        out = args.out or "data_show"
+        written = show_dataset(args.root, out, format=args.format,
+                               splits=args.splits.split(",") if args.splits else None, per_split=args.per_split,
+                               alpha=args.alpha)
+        for p in written:
+            print(p)
+        print(f"wrote {len(written)} ground-truth overlays to {out}")
+        return 0
 
     splits = args.splits.split(",") if args.splits else None
     report = check_dataset(args.root, format=args.format, splits=splits, num_classes=args.num_classes,
