@@ -1,11 +1,15 @@
 """The `c2vkd` command: parsing, error reporting, data check, taps, config, eval."""
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import _toy  # noqa: F401
 from c2vkd.cli import main
@@ -35,7 +39,12 @@ def test_data_check_reports_problems(tmp_path: Path, capsys: pytest.CaptureFixtu
     root = write_folder(tmp_path / "ds", {"train": 3}, size_hw=(16, 20))
     assert main(["data", "check", str(root)]) == 0
     out = capsys.readouterr().out
-    assert "train" in out and "a" in out
+    # the split row (3 samples, 3 valid, all 20x16) and one row per class with its pixel count, counted here
+    assert re.search(r"^train\s+train\s+3\s+3\s+20x16: 3$", out, re.M), out
+    raw = np.concatenate([np.asarray(Image.open(p)).ravel() for p in sorted((root / "labels/train").glob("*.png"))])
+    for k, name in enumerate(("a", "b", "c")):
+        assert re.search(rf"^\s*{k}\s+{name}\s+{int((raw == k).sum())}\s", out, re.M), (name, out)
+    assert re.search(rf"^\s*-\s+\(ignore\)\s+{int((raw == 255).sum())}\s", out, re.M) and "no problems found" in out
     (root / "labels/train/train_001.png").unlink()
     assert main(["data", "check", str(root)]) == 1
     assert "train_001" in capsys.readouterr().out
@@ -44,7 +53,9 @@ def test_data_check_reports_problems(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_taps_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["taps", "toy_cnn", "--input", "64x64", "--num-classes", "3"]) == 0
     out = capsys.readouterr().out
-    assert "layer2" in out and "16" in out  # 64 / stride 4 = 16
+    # module, alias, shape (width 8 -> 16 channels; 64 / stride 4 = 16), stride
+    assert re.search(r"^layer2\s+feat\s+\[B, 16, 16, 16\]\s+4$", out, re.M), out
+    assert re.search(r"^layer1\s+layer1\s+\[B, 8, 32, 32\]\s+2$", out, re.M), out
     assert main(["taps", "toy_cnx"]) == 2
     assert "toy_cnn" in capsys.readouterr().err
 
@@ -65,7 +76,7 @@ def test_taps_and_info_import_user_models(tmp_path: Path, capsys: pytest.Capture
     try:
         assert main(["taps", "cli_tiny_plugin", "--import", str(plugin), "--input", "32x32"]) == 0
         out = capsys.readouterr().out
-        assert "body" in out and "16" in out  # 32 / stride 2
+        assert re.search(r"^body\s+feat\s+\[B, 6, 16, 16\]\s+2$", out, re.M), out  # 32 / stride 2
         assert main(["info", "cli_tiny_plugin", "--import", str(plugin), "--input", "32x32", "--runs", "1",
                      "--num-classes", "2"]) == 0
         # params: conv 3->6 3x3 (162 + 6) + conv 6->2 1x1 (12 + 2) = 182
@@ -87,7 +98,15 @@ def test_eval_command_on_export(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert rc == 0
     out = capsys.readouterr().out
     assert "mIoU" in out and "toy_vit" in out
-    assert '"miou"' in (tmp_path / "m.json").read_text()
+    res = json.loads((tmp_path / "m.json").read_text())
+    # every labelled test pixel counted once; mIoU recomputed from the matrix (classes in labels or predictions)
+    raw = np.concatenate([np.asarray(Image.open(p)).ravel() for p in sorted((root / "labels/test").glob("*.png"))])
+    cm = res["confusion"]
+    assert res["split"] == "test" and sum(map(sum, cm)) == int((raw != 255).sum()) == res["num_pixels"]
+    ious = [cm[k][k] / (sum(cm[k]) + sum(r[k] for r in cm) - cm[k][k]) for k in range(3)
+            if sum(cm[k]) + sum(r[k] for r in cm)]
+    assert res["miou"] == pytest.approx(sum(ious) / len(ious), rel=1e-12)
+    assert re.search(rf"mIoU\s*:\s*{100 * res['miou']:.2f}", out), out
 
 
 def test_module_entry_point_help() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -203,8 +204,13 @@ def test_check_dataset_counts_and_histogram(root):
             ign += int((raw == 255).sum())
     assert rep.class_pixels.tolist() == want.tolist() and rep.ignore_pixels == ign
     text = format_report(rep)
-    for needle in ("train", "val", "a", "(ignore)", f"{int(want[0]):,}", "no problems found", "not present"):
+    for needle in ("(ignore)", "no problems found", "split 'test' not present"):
         assert needle in text
+    # one row per split (samples, valid) and per class (id, name, pixels as counted above, with thousands separator)
+    assert re.search(r"^train\s+train\s+6\s+6\s", text, re.M) and re.search(r"^val\s+val\s+3\s+3\s", text, re.M)
+    for k, name in enumerate(("a", "b", "c")):
+        assert re.search(rf"^\s*{k}\s+{name}\s+{int(want[k]):,}\s", text, re.M), (name, text)
+    assert re.search(rf"^\s*-\s+\(ignore\)\s+{ign:,}\s", text, re.M)
 
 
 def test_check_dataset_collects_every_problem(root):
