@@ -265,3 +265,45 @@ def test_module_non_default_settings_reach_the_loss(opts, memory_efficient):
         variants += [dict(base, beta=0.5), dict(base, nckd=False)]
     for v in variants:
         assert abs(ref_pdd(s, t, y, **v) - ref) > 1e-3 * abs(ref), v
+
+
+def test_default_preset_values():
+    """method.md's defaults: alpha = beta = 0.5, T = 1, gt_mix = 0.5, forward TC, NC on (pinned by value)."""
+    m = PDDLoss(LossContext(num_classes=5))
+    assert (m.alpha, m.beta, m.temperature, m.gt_mix, m.direction, m.use_nckd) == (0.5, 0.5, 1.0, 0.5, "forward", True)
+    s, t, y = _inputs()
+    got = m(LossInputs(student_logits=s, target=y, teacher_logits=t))["pdd"]
+    assert got.item() == pytest.approx(ref_pdd(s, t, y, alpha=0.5, beta=0.5, T=1.0, w=0.5), rel=1e-5)
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_two_classes(memory_efficient):
+    """Binary segmentation: the non-target distribution has one class, so NC is 0 and PDD is alpha * TC."""
+    s, t, y = _inputs(K=2, n_ignore=2, seed=4)
+    got = pdd_loss(s, t, y, alpha=0.7, beta=0.9, temperature=2.0, gt_mix=0.3, memory_efficient=memory_efficient)
+    ref = ref_pdd(s, t, y, alpha=0.7, beta=0.9, T=2.0, w=0.3)
+    assert ref > 0 and got.item() == pytest.approx(ref, rel=1e-5)
+    assert got.item() == pytest.approx(ref_pdd(s, t, y, alpha=0.7, beta=0.0, T=2.0, w=0.3), rel=1e-5)
+
+
+def test_float64_memory_efficient_path_is_float64_exact():
+    """float64 inputs stay float64 in the blocked path (statistics buffers included): same value and gradient
+    as plain autograd to float64 rounding, far tighter than float32 could give."""
+    s, t, y = _inputs(dtype=torch.float64, scale=3.0, seed=5)
+    s.requires_grad_(True)
+    for d in ("forward", "reverse"):
+        a = pdd_loss(s, t, y, temperature=1.7, gt_mix=0.4, direction=d)
+        b = pdd_loss(s, t, y, temperature=1.7, gt_mix=0.4, direction=d, memory_efficient=False)
+        assert a.dtype == torch.float64 and abs(a.item() - b.item()) <= 1e-13 * abs(b.item())
+        ga, gb = torch.autograd.grad(a, s)[0], torch.autograd.grad(b, s)[0]
+        torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=0.0), dict(temperature=-1.0), dict(gt_mix=-0.1),
+                                 dict(gt_mix=1.5)])
+def test_out_of_range_options_are_rejected(bad):
+    s, t, y = _inputs()
+    with pytest.raises(ValueError, match=list(bad)[0]):
+        pdd_loss(s, t, y, **bad)
+    with pytest.raises(ValueError, match=list(bad)[0]):
+        PDDLoss(LossContext(num_classes=5), **bad)
