@@ -102,3 +102,24 @@ def test_the_options_are_found():
     found = {(n, o) for n, o, _, _ in _options()}
     assert {("kd", "temperature"), ("kd", "mask_ignore"), ("pdd", "alpha"), ("pdd", "beta"), ("pdd", "gt_mix"),
             ("vlfd", "global_weight"), ("vlfd", "graph_eps"), ("vlfd", "student_through_pool")} <= found
+
+
+def test_kd_module_defaults_are_the_documented_ones():
+    """kd.py documents T = 1 and ignored pixels masked (CIRKD's --kd-temperature 1); pinned by value, with the
+    plain-Python KL written here."""
+    import math
+
+    from _ref import kl_list, softmax_list
+
+    inp = _inputs()
+    got = LOSSES.get("kd")(LossContext(**CTX))(inp)["kd"].item()
+    zs, zt, y = inp.student_logits.detach().double(), inp.teacher_logits.double(), inp.target
+    total, n = 0.0, 0
+    for b in range(2):
+        for i in range(8):
+            for j in range(10):
+                if int(y[b, i, j]) == 255:
+                    continue
+                n += 1
+                total += kl_list(softmax_list(zt[b, :, i, j].tolist()), softmax_list(zs[b, :, i, j].tolist()))
+    assert n == 140 and math.isfinite(got) and got == pytest.approx(total / n, rel=1e-5)
