@@ -11,10 +11,12 @@ import yaml
 
 import _toy
 from c2vkd.cli import main
-from c2vkd.config import ConfigError, load_config
+from c2vkd.config import load_config
+from c2vkd.data import DatasetError
 from c2vkd.data import sample_root, synthetic
 from c2vkd.engine.weights import save_student
-from c2vkd.oneline import crop_for, detect_format, oneline_config
+from c2vkd.data.detect import detect_format
+from c2vkd.oneline import crop_for, oneline_config
 from c2vkd.utils.io import safe_load
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,7 +94,7 @@ def test_format_detection_of_standard_layouts(tmp_path: Path) -> None:
     assert det["splits"] == ["train", "val", "test"] and det["image_hw"] == list(synthetic.SIZE_HW)
     (tmp_path / "odd").mkdir()
     (tmp_path / "odd/pictures").mkdir()
-    with pytest.raises(ConfigError, match=r"cannot tell the dataset format.*classes.json.*pictures/"):
+    with pytest.raises(DatasetError, match=r"cannot tell the dataset format.*classes.json.*pictures/"):
         detect_format(tmp_path / "odd")
 
 

