@@ -10,7 +10,7 @@ import torch
 import _toy  # noqa: F401  (registers toy_cnn / toy_vit)
 from c2vkd import compare as cmp
 from c2vkd.cli import main
-from c2vkd.config import ConfigError
+from c2vkd.config import ConfigError, load_config
 from c2vkd.data.synthetic import write_folder
 from c2vkd.engine.weights import save_student
 from c2vkd.models import build_model
@@ -98,7 +98,10 @@ def test_compare_end_to_end_and_resume(experiment: Path, tmp_path: Path, monkeyp
     assert summary["best_prior"] == "kd"
     assert summary["teacher"]["name"] == "toy_cnn"
     # the config of each variant records its own losses and seed
-    assert "kd" in (out / "kd/seed1/config.yaml").read_text()
+    for m, seed in (("kd", 1), ("none", 0)):
+        cfg = load_config(out / m / f"seed{seed}" / "config.yaml")
+        assert cfg["experiment"]["seed"] == seed
+        assert {e["name"] for e in cfg["losses"]} == ({"ce", "kd"} if m == "kd" else {"ce"})
     for png in ("per_class_iou.png", "training_curves.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "gain vs none" in capsys.readouterr().out
