@@ -123,3 +123,17 @@ def test_kd_module_defaults_are_the_documented_ones():
                 n += 1
                 total += kl_list(softmax_list(zt[b, :, i, j].tolist()), softmax_list(zs[b, :, i, j].tolist()))
     assert n == 140 and math.isfinite(got) and got == pytest.approx(total / n, rel=1e-5)
+
+
+def test_kd_module_uses_the_context_ignore_index():
+    """The ignore value comes from the LossContext (here 4, a class id otherwise): a module passing the default
+    255 instead would average over the pixels labelled 4 too."""
+    inp = _inputs()
+    inp.target[1, 3:] = 4
+    ctx = LossContext(**dict(CTX, ignore_index=4))
+    got = LOSSES.get("kd")(ctx, temperature=2.0)(inp)["kd"]
+    kl = (torch.log_softmax(inp.teacher_logits / 2, 1).exp()
+          * (torch.log_softmax(inp.teacher_logits / 2, 1) - torch.log_softmax(inp.student_logits.detach() / 2, 1))).sum(1)
+    keep = inp.target != 4
+    assert got.item() == pytest.approx(4 * float(kl[keep].mean()), rel=1e-5)
+    assert abs(4 * float(kl[inp.target != 255].mean()) - got.item()) > 1e-3 * got.item()
