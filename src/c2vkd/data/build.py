@@ -8,25 +8,13 @@ from typing import Any, Mapping
 from c2vkd.data.base import DatasetError, SegDataset, SplitIndex
 from c2vkd.data.formats import DATASETS
 from c2vkd.data.sampler import check_augment_pool
-from c2vkd.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform
+from c2vkd.data.transforms import EvalTransform, TrainTransform
+from c2vkd.config import DEFAULTS
 from c2vkd.registry import suggest
 
-DEFAULT_DATA_CFG: dict[str, Any] = {
-    "format": "folder",
-    "root": None,
-    "ignore_index": None,  # raw void value in the label files; None -> classes.json / format default
-    "num_classes": None,  # None -> from the dataset; if set it must match
-    "splits": {"train": "train", "val": "val", "test": "test"},
-    "mean": list(IMAGENET_MEAN),
-    "std": list(IMAGENET_STD),
-    "train_transform": {"scale_range": [0.5, 2.0], "base_size": None, "crop_size": [512, 512], "flip": True, "jitter": 0.0},
-    "eval_transform": {"mode": "whole", "size": None},
-    "batch_size": 8,
-    "eval_batch_size": 1,
-    "num_workers": 2,
-    "augment_pool": 0,  # 0 = fresh augmentation every epoch; K > 0 = K fixed views per image (sampler.py)
-    "augment_pool_seed": None,  # null -> the sampler's seed (experiment.seed)
-}
+# The one schema of the ``data:`` section (keys, defaults, comments) is config.DEFAULTS["data"]; this module only
+# fills it in for callers that pass a bare ``data`` dict (predict, export, tests) and checks the values.
+DEFAULT_DATA_CFG: dict[str, Any] = DEFAULTS["data"]
 
 
 def _merge(cfg: Mapping[str, Any], defaults: Mapping[str, Any], where: str) -> dict[str, Any]:

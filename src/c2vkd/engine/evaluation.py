@@ -1,10 +1,11 @@
-"""Evaluate a saved model (export, training checkpoint or foreign checkpoint) on a dataset split.
+"""Evaluation wiring: a model (the training student, or a saved export / training / foreign checkpoint) on a
+dataset split with the config's eval settings, plus parameter count and latency for result tables.
 
-Shared by `c2vkd eval`, `c2vkd compare` (the teacher row) and the demo, so they measure identically.
+Shared by training-time validation and the final evaluation (Trainer), `c2vkd eval`, `c2vkd compare` (the
+teacher row) and the demo, so they all measure identically.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from c2vkd.data import build_dataloader, build_dataset
 from c2vkd.engine.weights import build_for_eval
 from c2vkd.inference import evaluate
 from c2vkd.metrics import SegMetrics
+from c2vkd.models import report as model_report
 from c2vkd.utils.device import pick_device
 from c2vkd.utils.sizes import as_hw
 
@@ -60,25 +62,15 @@ def evaluate_checkpoint(path: str | Path, cfg: dict[str, Any], split: str, *,
 
 
 def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Total parameter count (:func:`c2vkd.models.report.count_params` has the encoder/decoder split)."""
+    return int(model_report.count_params(model)["total"])
 
 
 def measure_latency(model: nn.Module, input_hw: tuple[int, int], *, runs: int = 10, warmup: int = 2,
                     batch: int = 1) -> dict[str, float]:
-    """Forward latency in ms (eval, no grad): median/min/max over `runs` after `warmup` runs."""
+    """Forward latency in ms of a random ``[batch, 3, *input_hw]`` input (eval, no grad, synchronised on CUDA):
+    median/min/max over ``runs`` after ``warmup`` runs (timed by :func:`c2vkd.models.report.measure_latency`)."""
     device = next(model.parameters()).device
     x = torch.randn(batch, 3, *input_hw, device=device)
-    model.eval()
-    times = []
-    with torch.inference_mode():
-        for i in range(warmup + runs):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= warmup:
-                times.append(1000 * (time.perf_counter() - t0))
-    times.sort()
+    times = sorted(model_report.measure_latency(model, x, runs=runs, warmup=warmup))
     return {"median_ms": times[len(times) // 2], "min_ms": times[0], "max_ms": times[-1], "runs": runs}
