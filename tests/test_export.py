@@ -138,3 +138,17 @@ def test_export_vit_student_with_interpolated_position_embedding(tmp_path: Path)
                    input_hw=(40, 56))
     assert m["files"]["onnx"]["max_abs_diff"] < 1e-4 and m["files"]["torchscript"]["max_abs_diff"] < 1e-4
     assert model.encoder.pos_embed.shape[1] == 197  # the student itself was not specialised
+
+
+def test_finished_run_without_checkpoints_exports_its_final_student(kd_run: Path, tmp_path: Path) -> None:
+    """`c2vkd demo` removes a finished stage's checkpoints/: the run's own student.safetensors is exported."""
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(kd_run / "config.yaml", run / "config.yaml")
+    shutil.copy(kd_run / "student.safetensors", run / "student.safetensors")
+    m = export_run(run, formats=["safetensors"], input_hw=(32, 32))
+    assert m["checkpoint"] == str(run / "student.safetensors")
+    final, exported = safe_load(kd_run / "student.safetensors"), safe_load(run / "export/student.safetensors")
+    assert all(torch.equal(exported[k], v) for k, v in final.items())

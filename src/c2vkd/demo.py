@@ -3,7 +3,9 @@
 Stage 1 trains a DeepLabV3+-R18 teacher briefly (``configs/demo_teacher.yaml``); stage 2 trains a SegFormer-B0
 student without KD and with C2VKD under one schedule and seed (``configs/demo.yaml``, through the same
 runner as ``c2vkd compare``); stage 3 prints teacher / student / student+C2VKD with test mIoU, parameters
-and CPU latency. Every stage is resumable: rerunning the command skips finished stages.
+and CPU latency. Every stage is resumable: rerunning the command skips finished stages. A finished stage
+keeps only what the next ones use (its ``student.safetensors``, logs, metrics, config): its resumable
+``checkpoints/iter_*.pt`` (weights + optimizer state, about 3x the weights each) are removed.
 """
 from __future__ import annotations
 
@@ -36,11 +38,19 @@ def run_demo(run_dir: str | Path = "runs/demo", overrides: Sequence[str] = (), *
         Trainer(tcfg, run_dir=teacher_dir, resume=resume).fit()
     else:
         log.info("demo stage 1/3: teacher already trained (%s)", teacher_file)
+    _drop_training_checkpoints(teacher_dir)
 
     log.info("demo stage 2/3: SegFormer-B0 student without KD and with C2VKD (same schedule and seed)")
     scfg = [*common, f"teacher.checkpoint={teacher_file}"]
     summary = run_compare("demo.yaml", ["none", "c2vkd"], 1, overrides=scfg, out_dir=run_dir / "students",
                           command="c2vkd demo", eval_teacher=False)
+
+    from c2vkd.compare import RESULT_FILE
+
+    for m in ("none", "c2vkd"):
+        variant = run_dir / "students" / m / f"seed{summary['seeds'][0]}"
+        if (variant / RESULT_FILE).is_file():  # finished (compare skips it on a rerun)
+            _drop_training_checkpoints(variant)
 
     log.info("demo stage 3/3: evaluation, parameters and latency")
     cfg = load_config("demo.yaml", scfg)
@@ -60,6 +70,21 @@ def run_demo(run_dir: str | Path = "runs/demo", overrides: Sequence[str] = (), *
     (run_dir / "demo.json").write_text(json.dumps({"rows": rows, "split": split}, indent=1))
     (run_dir / "demo.md").write_text(table + "\n")
     return {"rows": rows, "table": table, "summary": summary}
+
+
+def _drop_training_checkpoints(stage_dir: Path) -> None:
+    """Remove a finished stage's resumable checkpoints (and their .sha256 sidecars)."""
+    ckdir = stage_dir / "checkpoints"
+    files = sorted(ckdir.glob("iter_*.pt*")) if ckdir.is_dir() else []
+    if not files:
+        return
+    freed = sum(p.stat().st_size for p in files)
+    for p in files:
+        p.unlink()
+    if not any(ckdir.iterdir()):
+        ckdir.rmdir()
+    log.info("demo: %s is finished; removed its %d checkpoint files (%.1f MiB with optimizer state), kept "
+             "student.safetensors", stage_dir, len(files), freed / 2**20)
 
 
 def format_demo_table(rows: list[dict[str, Any]], *, split: str, hw: tuple[int, int]) -> str:

@@ -85,9 +85,15 @@ class ExportError(CheckpointError):
 
 
 def find_checkpoint(run_dir: str | Path) -> Path:
-    """Latest ``checkpoints/iter_*.pt`` of a run whose checksum verifies (corrupt ones are skipped, logged)."""
+    """Latest ``checkpoints/iter_*.pt`` of a run whose checksum verifies (corrupt ones are skipped, logged);
+    a finished run whose checkpoints were removed (``c2vkd demo`` keeps only the final weights) falls back to
+    its own final ``student.safetensors``."""
     ckdir = Path(run_dir) / "checkpoints"
     candidates = sorted(ckdir.glob("iter_*.pt"), reverse=True)
+    final = Path(run_dir) / "student.safetensors"
+    if not candidates and final.is_file():
+        log.info("no checkpoints/iter_*.pt in %s: exporting the run's final %s", run_dir, final.name)
+        return final
     if not candidates:
         raise ExportError(f"no training checkpoint in {ckdir} (expected checkpoints/iter_*.pt); pass --checkpoint")
     for path in candidates:
