@@ -155,3 +155,26 @@ def test_timm_encoder_student_folder_loads_into_timm(tmp_path: Path) -> None:
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(enc.forward_features(x), model.encoder.forward_features(x), atol=0, rtol=0)
+
+
+def test_hf_export_keeps_segformer_config_overrides(tmp_path: Path) -> None:
+    """student.kwargs change the architecture (here a 64-wide decoder): the HF config carries them."""
+    from transformers import SegformerForSemanticSegmentation
+
+    from c2vkd.config import dump_config
+    from c2vkd.data.synthetic import write_folder
+    from c2vkd.models import build_model
+
+    root = write_folder(tmp_path / "ds", {"train": 1, "test": 1}, size_hw=(64, 64))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/config.yaml").write_text(dump_config(load_config(None, [
+        "student.name=segformer_b0", "student.kwargs={decoder_hidden_size: 64}", f"data.root={root}"])))
+    model = build_model("segformer_b0", 3, decoder_hidden_size=64).eval()
+    save_student(tmp_path / "s.safetensors", model, "segformer_b0", 3, {"decoder_hidden_size": 64}, ["a", "b", "c"])
+    export_run(tmp_path / "run", checkpoint=tmp_path / "s.safetensors", formats=["hf"], out_dir=tmp_path / "out")
+    hf = SegformerForSemanticSegmentation.from_pretrained(tmp_path / "out/hf", local_files_only=True).eval()
+    assert hf.config.decoder_hidden_size == 64
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        up = F.interpolate(hf(pixel_values=x).logits, size=(64, 64), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(up, model(x), atol=1e-5, rtol=0)

@@ -71,7 +71,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from c2vkd.utils.io import CheckpointError, sha256_file, verify
+from c2vkd.utils.io import CheckpointError, sha256_file
 
 log = logging.getLogger("c2vkd")
 
@@ -96,11 +96,15 @@ def find_checkpoint(run_dir: str | Path) -> Path:
         return final
     if not candidates:
         raise ExportError(f"no training checkpoint in {ckdir} (expected checkpoints/iter_*.pt); pass --checkpoint")
-    for path in candidates:
-        if verify(path):
-            return path
-        log.warning("checkpoint %s fails its checksum (truncated or corrupt); trying the previous one", path)
-    raise ExportError(f"every checkpoint in {ckdir} fails its checksum: {[p.name for p in candidates]}")
+    from c2vkd.engine.checkpoints import latest_valid
+    from c2vkd.engine.run_dir import read_run_id
+
+    run_id = read_run_id(Path(run_dir))  # only this run's checkpoints (engine/run_dir.py)
+    path = latest_valid(ckdir, run_id=run_id)
+    if path is not None:
+        return path
+    other = f" or belongs to another run than this directory's {run_id}" if run_id else ""
+    raise ExportError(f"every checkpoint in {ckdir} fails its checksum{other}: {[p.name for p in candidates]}")
 
 
 def load_run_student(run_dir: str | Path, checkpoint: str | Path | None = None
@@ -336,7 +340,8 @@ def _decode_head_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
 
 
 def _hf_segformer_folder(model: nn.Module, classes: list[str], mean: Sequence[float], std: Sequence[float],
-                         eval_hw: tuple[int, int], folder: Path, check_x: torch.Tensor) -> tuple[float, str]:
+                         eval_hw: tuple[int, int], folder: Path, check_x: torch.Tensor,
+                         kwargs: dict[str, Any] | None = None) -> tuple[float, str]:
     """Write transformers' SegFormer folder and verify it; returns (max |diff|, how it was verified)."""
     import numpy as np
     import transformers
@@ -375,7 +380,8 @@ def _hf_segformer_folder(model: nn.Module, classes: list[str], mean: Sequence[fl
     up = F.interpolate(got_quarter, size=check_x.shape[-2:], mode="bilinear", align_corners=False)
     diffs = {"1/4": _max_diff(got_quarter, ref_quarter), "full": _max_diff(up, ref_full)}
     # c2vkd reading the folder back goes through the HF 4.x -> 5.x mapping of c2vkd.models.segformer
-    back = build_model(getattr(model, "arch", "segformer_b0"), len(classes), pretrained=str(folder)).eval()
+    back = build_model(getattr(model, "arch", "segformer_b0"), len(classes), pretrained=str(folder),
+                       **(kwargs or {})).eval()
     with torch.no_grad():
         diffs["c2vkd"] = _max_diff(back(check_x), ref_full)
     # the processor: resize to the evaluation size, scale, normalise with the run's mean/std
@@ -469,7 +475,8 @@ def _write_hf(model: nn.Module, name: str, meta: dict[str, Any], cfg: dict[str, 
     tmp.mkdir(parents=True)
     try:
         if isinstance(model, SegFormer):
-            diff, how = _hf_segformer_folder(model, classes, mean, std, eval_hw, tmp, check_x)
+            diff, how = _hf_segformer_folder(model, classes, mean, std, eval_hw, tmp, check_x,
+                                             dict(meta.get("kwargs", {})))
             loads = ("transformers (no c2vkd needed):\n\n```python\nfrom transformers import "
                      "SegformerForSemanticSegmentation, SegformerImageProcessor\n"
                      "model = SegformerForSemanticSegmentation.from_pretrained('FOLDER').eval()\n"
