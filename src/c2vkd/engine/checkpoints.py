@@ -4,7 +4,8 @@ Layout: ``<run>/checkpoints/iter_<7-digit iteration>.pt`` (+ ``.sha256`` sidecar
 :func:`c2vkd.utils.io.atomic_save` and loaded with ``weights_only=True`` (:func:`c2vkd.utils.io.safe_load`).
 A checkpoint is a dict tagged ``format: c2vkd-train-v1`` holding the student, the loss heads, optimizer,
 scheduler, scaler and RNG states, the iteration and best validation mIoU, and ``meta`` (model name, class
-count, kwargs, class names, resolved config) so it can also be used as a pretrained / teacher checkpoint.
+count, kwargs, class names, resolved config) so it can also be used as a pretrained / teacher checkpoint,
+and ``run_id``: the run that wrote it (``engine/run_dir.py``).
 """
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from c2vkd.utils.io import CheckpointError, atomic_save, safe_load, verify
+import torch
+
+from c2vkd.utils.io import CheckpointError, atomic_save, safe_load, unreadable_message, verify
 
 log = logging.getLogger("c2vkd")
 
@@ -40,13 +43,32 @@ def retain(ckpt_dir: Path, keep: int) -> None:
         old.with_name(old.name + ".sha256").unlink(missing_ok=True)
 
 
-def latest_valid(ckpt_dir: Path) -> Path | None:
-    """Newest ``iter_*.pt`` whose checksum verifies (corrupt or truncated ones are skipped with a warning)."""
+def latest_valid(ckpt_dir: Path, run_id: str | None = None) -> Path | None:
+    """Newest ``iter_*.pt`` whose checksum verifies (corrupt or truncated ones are skipped with a warning)
+    and, when ``run_id`` is given, that was written by that run (another run's checkpoints are skipped with a
+    warning naming them)."""
     for c in sorted(Path(ckpt_dir).glob("iter_*.pt"), reverse=True):
-        if verify(c):
-            return c
-        log.warning("checkpoint %s fails its checksum (truncated or corrupt); trying the previous one", c)
+        if not verify(c):
+            log.warning("checkpoint %s fails its checksum (truncated or corrupt); trying the previous one", c)
+            continue
+        if run_id is not None:
+            other = run_id_of(c)
+            if other != run_id:
+                log.warning("checkpoint %s belongs to run %s, not to this directory's run %s: skipped", c, other,
+                            run_id)
+                continue
+        return c
     return None
+
+
+def run_id_of(path: Path) -> str | None:
+    """The run id stored in a training checkpoint (None for checkpoints made before run ids). Memory-maps the
+    file, so only the small entries are read."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - reported with our own message, never torch's unsafe-load hint
+        raise CheckpointError(unreadable_message(Path(path), e)) from None
+    return state.get("run_id") if isinstance(state, dict) else None
 
 
 def load_training_checkpoint(path: Path, *, model: str, num_classes: int) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,24 @@ def _fsync_write(path: Path, write) -> None:
         write(f)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file under the current umask (0644 with the usual 022)."""
+    try:  # Linux: read it without changing it (os.umask(0) would briefly affect other threads' new files)
+        with open("/proc/self/status") as f:
+            umask = next(int(ln.split()[1], 8) for ln in f if ln.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+def replace_with_default_mode(tmp: Path, path: Path) -> None:
+    """``os.replace(tmp, path)`` after giving ``tmp`` the mode of an ordinary new file: writers that create
+    files 0600 (safetensors) end up with the same mode as checkpoints and JSON files."""
+    os.chmod(tmp, default_file_mode())
     os.replace(tmp, path)
 
 
@@ -80,7 +99,25 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any
         except Exception as e:  # safetensors raises several types for bad headers
             raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's pickle-protocol chatter about a file we refuse anyway
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError (truncated zip), EOFError...
-        raise CheckpointError(f"cannot load checkpoint {path} (weights_only=True; arbitrary pickled objects "
-                              f"are refused): {type(e).__name__}: {e}") from e
+        raise CheckpointError(unreadable_message(path, e)) from None
+
+
+def unreadable_message(path: Path, err: BaseException) -> str:
+    """Our message for a checkpoint torch cannot load safely. PyTorch's own text suggests re-running with the
+    unsafe loader, which would execute whatever code a pickled file carries, so only its diagnosis is kept."""
+    text = str(err)
+    detail = ""
+    if "WeightsUnpickler error:" in text:
+        rest = text.split("WeightsUnpickler error:", 1)[1]
+        detail = next((ln.strip() for ln in rest.splitlines() if ln.strip()), "")
+    elif "weights_only" not in text:
+        detail = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    reason = f"{type(err).__name__}: {detail}" if detail else type(err).__name__
+    return (f"cannot read checkpoint {path} ({reason}). It is truncated or corrupt, not a PyTorch checkpoint, or "
+            "holds pickled Python objects besides tensors: c2vkd loads only tensors and plain containers and "
+            "never unpickles code, so such a file is refused. Save the weights as a state dict "
+            "(torch.save(model.state_dict(), path)) or as .safetensors and use that file")
