@@ -219,3 +219,20 @@ def test_to_dict_json_and_table():
     with pytest.raises(ValueError):
         format_table(m, ["a"])
     assert isinstance(m, SegMetrics)
+
+
+def test_boundary_values_labels_and_class_count():
+    """The first out-of-range values (label K, prediction K, label -1) give the clear error, not a bincount
+    failure; K = 1 is a valid (if degenerate) metric, K = 0 is not."""
+    cm = ConfusionMatrix(5)
+    with pytest.raises(ValueError, match=r"target contains values \[5\] outside \[0, 5\)"):
+        cm.update(torch.tensor([0, 4]), torch.tensor([5, 4]))
+    with pytest.raises(ValueError, match=r"pred contains values \[5\]"):
+        cm.update(torch.tensor([5, 0]), torch.tensor([4, 4]))
+    assert int(cm.mat.sum()) == 0
+    one = ConfusionMatrix(1)
+    one.update(torch.zeros(3, dtype=torch.long), torch.tensor([0, 0, IGNORE_INDEX]))
+    m = one.compute()
+    assert m.confusion.tolist() == [[2]] and m.miou == 1.0 and m.num_pixels == 2
+    with pytest.raises(ValueError, match="num_classes must be >= 1, got 0"):
+        ConfusionMatrix(0)
