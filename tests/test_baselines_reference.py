@@ -581,3 +581,52 @@ def test_adversarial_discriminator_identical_across_ddp_ranks() -> None:
         got = dict(out)
     for p0, p1 in zip(got[0], got[1]):
         torch.testing.assert_close(p0, p1, rtol=0, atol=0)
+
+
+def test_trainer_resume_is_exact_with_discriminator_and_queues(tmp_path) -> None:
+    """Through the real Trainer: a run resumed from its mid-point checkpoint ends bit-identical to the straight
+    run, discriminator (weights, Adam state, pending maps) and CIRKD queues included."""
+    import _toy  # noqa: F401  (toy_cnn / toy_vit with a `logits` alias)
+    from c2vkd.config import load_config
+    from c2vkd.data.synthetic import write_folder
+    from c2vkd.engine.trainer import Trainer
+    from c2vkd.engine.weights import save_student
+    from c2vkd.models import build_model
+    from c2vkd.utils.io import safe_load
+
+    root = write_folder(tmp_path / "ds", {"train": 6, "val": 2}, size_hw=(32, 40))
+    torch.manual_seed(1)
+    save_student(tmp_path / "t.safetensors", build_model("toy_cnn", 3), "toy_cnn", 3, {}, ["a", "b", "c"])
+    cfg = load_config(None, [
+        f"data.root={root}", "data.train_transform.crop_size=[32,32]", "data.train_transform.base_size=40",
+        "data.batch_size=2", "data.num_workers=0", "student.name=toy_vit", "teacher.name=toy_cnn",
+        f"teacher.checkpoint={tmp_path / 't.safetensors'}", "optim.lr=0.01", "schedule.iters=4",
+        "train.progress=false", "train.log_interval=1", "train.device=cpu", "train.ckpt_interval=2",
+        "train.val_interval=0", "eval.split=null", "eval.final_split=null", "experiment.deterministic=true",
+        f"experiment.output_dir={tmp_path}",
+        "losses=[{name: ce}, {name: kd, at: stride}, {name: adv, mode: wgan-gp, conv_dim: 8, weight: 0.1}, "
+        "{name: cirkd, memory_size: 16, region_memory_size: 4, pixel_contrast_size: 6, region_contrast_size: 3}]"])
+    Trainer(cfg, run_dir=tmp_path / "straight").fit()
+    (tmp_path / "resumed/checkpoints").mkdir(parents=True)
+    for suffix in ("", ".sha256"):
+        src = tmp_path / f"straight/checkpoints/iter_0000002.pt{suffix}"
+        (tmp_path / f"resumed/checkpoints/iter_0000002.pt{suffix}").write_bytes(src.read_bytes())
+    t = Trainer(cfg, run_dir=tmp_path / "resumed", resume="auto")
+    assert t.iteration == 2
+    t.fit()
+    a = safe_load(tmp_path / "straight/checkpoints/iter_0000004.pt")
+    b = safe_load(tmp_path / "resumed/checkpoints/iter_0000004.pt")
+    heads_a, heads_b = a["loss_heads"], b["loss_heads"]
+    assert any(k.startswith("2.discriminator.") for k in heads_a) and "3.pixel_queue.bank" in heads_a
+    for k, v in heads_a.items():
+        if torch.is_tensor(v):
+            assert torch.equal(v, heads_b[k]), k
+    assert heads_a["2._extra_state"]["pending"] is not None
+    for x, y in zip(heads_a["2._extra_state"]["pending"], heads_b["2._extra_state"]["pending"]):
+        assert torch.equal(x, y)
+    for k, v in a["student"].items():
+        assert torch.equal(v, b["student"][k]), k
+    # the discriminator really trained and is not in the trainer's optimizer
+    n_opt = sum(len(g["params"]) for g in a["optimizer"]["param_groups"])
+    assert n_opt == len([p for p in t.model.parameters() if p.requires_grad])
+    assert not any(p.requires_grad for p in t.model.losses[2].discriminator.parameters())
