@@ -135,6 +135,12 @@ def oneline_config(*, data: str | Path, student: str, teacher: str | None, metho
     layers, sets, detected = oneline_overrides(data=data, student=student, teacher=teacher, method=method,
                                                iters=iters)
     cfg = load_config(None, sets + list(extra or []), layers=layers)
+    # paths absolute (the run's saved config.yaml must work from any directory): what is printed is what is saved
+    for section, key in (("experiment", "output_dir"), ("student", "pretrained"), ("teacher", "checkpoint"),
+                         ("teacher", "cache")):
+        value = cfg[section].get(key)
+        if isinstance(value, str) and value:
+            cfg[section][key] = str(Path(value).expanduser().resolve())
     return cfg, detected
 
 
