@@ -112,7 +112,12 @@ def test_kd_module_defaults_are_the_documented_ones():
     from _ref import kl_list, softmax_list
 
     inp = _inputs()
-    got = LOSSES.get("kd")(LossContext(**CTX))(inp)["kd"].item()
+    kd = LOSSES.get("kd")(LossContext(**CTX))
+    assert kd.weights == {"kd": 1.0}
+    got = kd(inp)["kd"].item()
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            LOSSES.get("kd")(LossContext(**CTX), temperature=bad)
     zs, zt, y = inp.student_logits.detach().double(), inp.teacher_logits.double(), inp.target
     total, n = 0.0, 0
     for b in range(2):

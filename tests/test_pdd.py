@@ -220,7 +220,9 @@ def test_module_registered_presets_and_forward():
     assert m.weights == {"pdd": 2.0} and m.direction == "forward" and m.use_nckd
     paper = PDDLoss(ctx, preset="paper")
     assert paper.direction == "reverse" and not paper.use_nckd
-    assert PDDLoss(ctx, preset="paper", use_nckd=True).use_nckd  # explicit args override the preset
+    paper_nc = PDDLoss(ctx, preset="paper", use_nckd=True)  # explicit args override the preset ...
+    assert paper_nc.use_nckd and (paper_nc.alpha, paper_nc.beta, paper_nc.temperature, paper_nc.gt_mix) == \
+        (0.5, 0.5, 1.0, 0.5)  # ... and the rest stays the paper's
     s, t, y = _inputs()
     out = paper(LossInputs(student_logits=s, target=y, teacher_logits=t))
     assert set(out) == {"pdd"}
