@@ -630,3 +630,94 @@ def test_trainer_resume_is_exact_with_discriminator_and_queues(tmp_path) -> None
     n_opt = sum(len(g["params"]) for g in a["optimizer"]["param_groups"])
     assert n_opt == len([p for p in t.model.parameters() if p.requires_grad])
     assert not any(p.requires_grad for p in t.model.losses[2].discriminator.parameters())
+
+
+# ------------------------------------------------------------------------------------ option wiring
+#: every numeric / bool constructor option of the baselines must change the value or the student's gradient
+#: (a dropped option fails); memory/chunking options must not. Per loss: base args for a small, fast module.
+WIRING_BASE = {"kd": {}, "dkd": {}, "cwd": {}, "dist": {}, "skd": {}, "ifvd": {}, "fitnet": {}, "at": {},
+               "cirkd": {"memory_size": 8, "region_memory_size": 2, "pool_min_size": 1},
+               "adv": {"conv_dim": 8, "mode": "wgan-gp"}}
+WIRING_OTHER = {("cirkd", "pixel_contrast_size"): 17, ("cirkd", "region_contrast_size"): 4,
+                ("cirkd", "pool_min_size"): 100, ("adv", "conv_dim"): 16, ("adv", "min_input"): 80,
+                ("skd", "pool_kernel"): 3, ("cirkd", "memory_size"): 9, ("cirkd", "region_memory_size"): 3}
+WIRING_SAME = {("skd", "max_pairs"): 10 ** 6, ("cirkd", "max_elements"): 37, ("cirkd", "max_rows_per_chunk"): 3}
+WIRING_SKIP = {("dkd", "mask_ignore"): "only with target_source teacher (tested in test_baselines_logits.py)",
+               ("skd", "pool_scale"): "alternative to pool_kernel (tested in test_baselines_features.py)",
+               ("adv", "d_momentum"): "only with d_optimizer sgd",
+               ("cirkd", "p2p_weight"): "a term weight: checked through mod.weights below"}
+
+
+def _wiring_options() -> list[tuple[str, str, object, str]]:
+    import inspect
+
+    out = []
+    for name in WIRING_BASE:
+        for p in inspect.signature(LOSSES.get(name).__init__).parameters.values():
+            key = (name, p.name)
+            if p.name in ("self", "ctx", "weight") or key in WIRING_SKIP or (
+                    p.name in WIRING_BASE[name] and key not in WIRING_OTHER):
+                continue
+            d = p.default
+            if key in WIRING_SAME:
+                out.append((name, p.name, WIRING_SAME[key], "same"))
+            elif key in WIRING_OTHER:
+                out.append((name, p.name, WIRING_OTHER[key], "differs"))
+            elif isinstance(d, bool):
+                out.append((name, p.name, not d, "differs"))
+            elif isinstance(d, int):
+                out.append((name, p.name, d + 1, "differs"))
+            elif isinstance(d, float):
+                out.append((name, p.name, d * 1.7 + 0.3, "differs"))
+    return out
+
+
+def _wiring_inputs(step: int) -> LossInputs:
+    g = torch.Generator().manual_seed(step)
+    target = torch.randint(0, K, (2, 16, 20), generator=g)
+    target[0, :3] = IGN
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return LossInputs(student_logits=(r(2, K, 16, 20) * 2).requires_grad_(True), target=target,
+                      teacher_logits=r(2, K, 16, 20) * 2,
+                      student_feats={"feat": r(2, 6, 8, 10).requires_grad_(True),
+                                     "logits": (r(2, K, 8, 10) * 2).requires_grad_(True)},
+                      teacher_feats={"feat": r(2, 9, 8, 10).relu(), "logits": r(2, K, 4, 5) * 2})
+
+
+def _wiring_run(name: str, **kw) -> tuple[float, torch.Tensor]:
+    torch.manual_seed(0)
+    ctx = _ctx(s={"feat": (2, 6, 8, 10)}, t={"feat": (2, 9, 8, 10)})
+    mod = LOSSES.get(name)(ctx, **{**WIRING_BASE[name], **kw}).train()
+    steps = 2 if name == "adv" else 1    # the discriminator's options act from its first update (step 2)
+    for step in range(steps):
+        inp = _wiring_inputs(step)
+        out = mod(inp)
+    total = sum(mod.weights[k] * v for k, v in out.items()) + out.get("adv_d", 0.0)
+    leaves = [inp.student_logits, inp.student_feats["feat"], inp.student_feats["logits"]]
+    grads = torch.autograd.grad(total, leaves, allow_unused=True)
+    flat = torch.cat([(gr if gr is not None else torch.zeros_like(x)).reshape(-1) for gr, x in zip(grads, leaves)])
+    return float(total.detach()), flat
+
+
+@pytest.mark.parametrize("name,option,value,expect", _wiring_options(), ids=lambda v: str(v))
+def test_baseline_option_reaches_the_computation(name, option, value, expect) -> None:
+    base_v, base_g = _wiring_run(name)
+    v, g = _wiring_run(name, **{option: value})
+    assert torch.isfinite(torch.tensor(v)) and torch.isfinite(g).all()
+    if expect == "same":
+        assert v == pytest.approx(base_v, rel=1e-5, abs=1e-9), (name, option)
+        torch.testing.assert_close(g, base_g, rtol=1e-4, atol=1e-8)
+    else:
+        moved = abs(v - base_v) > 1e-6 * max(abs(base_v), 1e-12) or \
+            (g - base_g).abs().max() > 1e-6 * max(float(base_g.abs().max()), 1e-12)
+        assert moved, f"loss {name}: {option}={value!r} changes nothing (dropped option?)"
+
+
+def test_baseline_wiring_finds_the_options() -> None:
+    found = {(n, o) for n, o, _, _ in _wiring_options()}
+    assert {("kd", "temperature"), ("dkd", "beta"), ("cwd", "temperature"), ("dist", "gamma"), ("skd", "detach_norm"),
+            ("at", "p"), ("cirkd", "temperature"), ("cirkd", "memory"), ("cirkd", "pixels_per_class"),
+            ("adv", "d_weight"), ("adv", "gp_weight"), ("adv", "d_lr")} <= found
+    mod = LOSSES.get("cirkd")(_ctx(s={"feat": (2, 6, 8, 10)}, t={"feat": (2, 9, 8, 10)}), weight=2.0, p2p_weight=0.25,
+                              memory=False)
+    assert mod.weights == {"cirkd_p2p": 0.5}
