@@ -89,6 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: OUTPUT_DIR/compare-NAME); rerun to resume")
     p.add_argument("--no-teacher-eval", action="store_true", help="do not evaluate the teacher checkpoint")
 
+    p = sub.add_parser("report", help="which loss terms really train the student: gradient share per term over "
+                                      "N real training steps (no checkpoint left behind)")
+    p.add_argument("config", help="experiment YAML (a path, or the name of a packaged config)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable)")
+    p.add_argument("--iters", type=int, default=20, help="training steps to measure (default 20)")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="write {iters, terms: {term: {raw, weight, weighted, grad_norm, grad_share, target, "
+                        "suggested_weight}}} here")
+    p.add_argument("--detail-json", default=None, metavar="PATH",
+                   help="write everything else (min/max, backbone/decoder shares, alignment-head RMS) here")
+    p.add_argument("--from-step", type=int, default=None, metavar="K",
+                   help="average over steps K..N (default: after balance.warmup when balancing, else all)")
+
     p = sub.add_parser("demo", help="the embedded default: a short run on the bundled CamVid sample")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--run-dir", default="runs/demo")
@@ -336,6 +350,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from c2vkd.report import run_report
+    from c2vkd.utils.logging import setup_logging
+
+    setup_logging()
+    rep = run_report(args.config, args.overrides, iters=args.iters, json_path=args.json,
+                     detail_path=args.detail_json, from_step=args.from_step)
+    print(rep["text"])
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from c2vkd.demo import run_demo
     from c2vkd.utils.logging import setup_logging
@@ -453,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args, distill=args.command == "distill")
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command == "report":
+            return cmd_report(args)
         if args.command == "demo":
             return cmd_demo(args)
         if args.command == "compare":

@@ -67,12 +67,28 @@ class StudentParts:
         return self.student + [p for ps in self.heads.values() for p in ps]
 
 
-def student_parts(student: nn.Module, loss_modules: Iterable[tuple[str, nn.Module]]) -> StudentParts:
-    """Split the trainable parameters. The decode head is what the model's ``decode_head_parameters()`` names
-    (the parameters ``optim.head_lr_mult`` applies to); a model without it counts as all backbone. Alignment
-    heads are named ``<loss>.<child>`` per trainable child module of each loss (``vlfd.visual_head``)."""
+_ENCODER_NAMES = ("backbone", "encoder", "segformer")
+
+
+def _decode_head_ids(student: nn.Module) -> set[int]:
+    """ids of the decode-head parameters: what ``decode_head_parameters()`` names when the model defines it,
+    else every parameter outside its encoder child (``backbone`` / ``encoder`` / ``segformer``); a model with
+    neither counts as all backbone."""
     decode_fn = getattr(student, "decode_head_parameters", None)
-    decode_ids = {id(p) for p in decode_fn()} if callable(decode_fn) else set()
+    if callable(decode_fn):
+        return {id(p) for p in decode_fn()}
+    for name in _ENCODER_NAMES:
+        enc = getattr(student, name, None)
+        if isinstance(enc, nn.Module):
+            enc_ids = {id(p) for p in enc.parameters()}
+            return {id(p) for p in student.parameters() if id(p) not in enc_ids}
+    return set()
+
+
+def student_parts(student: nn.Module, loss_modules: Iterable[tuple[str, nn.Module]]) -> StudentParts:
+    """Split the trainable parameters into backbone and decode head (see :func:`_decode_head_ids`). Alignment
+    heads are named ``<loss>.<child>`` per trainable child module of each loss (``vlfd.visual_head``)."""
+    decode_ids = _decode_head_ids(student)
     backbone, decode = [], []
     for p in student.parameters():
         if p.requires_grad:

@@ -5,7 +5,12 @@ checkpoint stores, so it must not change between a run and its resume):
 
 1. ``base``: every trainable parameter of the Distiller that is not in a head group, at ``optim.lr``;
 2. ``heads`` (only when non-empty): the student's decode head (``decode_head_parameters()`` when the model
-   defines it) and the losses' alignment heads, at ``optim.lr * optim.head_lr_mult``.
+   defines it), at ``optim.lr * optim.head_lr_mult``;
+3. ``align`` (only when non-empty): the losses' alignment heads (VLFD's visual / linguistic heads, feature
+   adapters), at ``optim.lr * optim.align_lr_mult`` (null: ``head_lr_mult``) and with AdamW eps
+   ``optim.align_eps`` (null: the optimizer's default 1e-8). They have their own group because a head fed
+   1e-9 gradients (VLFD with the released reductions, see ``c2vkd report``) is frozen by eps 1e-8. With both
+   null the group trains exactly like the ``heads`` group did before it existed (same lr, same eps).
 
 Each group dict carries a ``name`` key for logs and for code that adds groups; the schedule scales every
 group's own initial lr by the same factor (:func:`c2vkd.engine.schedule.lr_factor`).
@@ -36,13 +41,36 @@ def param_groups(model: nn.Module, *, head_params: Iterable[nn.Parameter], lr: f
 
 
 def distiller_param_groups(distiller: nn.Module, student: nn.Module, optim_cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """The groups of a training run: the Distiller's loss heads and the student's decode head (if the student
-    names it with ``decode_head_parameters()``) at the head lr, the rest at ``optim.lr``."""
-    heads = list(distiller.head_parameters())  # type: ignore[operator]
+    """The groups of a training run (see the module docstring): base, the student's decode head (if the
+    student names it with ``decode_head_parameters()``) and the Distiller's alignment heads."""
+    o = optim_cfg
+    align = list(distiller.head_parameters())  # type: ignore[operator]
+    align_ids = {id(p) for p in align}
     decode = getattr(student, "decode_head_parameters", None)
-    if callable(decode):
-        heads += list(decode())
-    return param_groups(distiller, head_params=heads, lr=optim_cfg["lr"], head_lr_mult=optim_cfg["head_lr_mult"])
+    heads = [p for p in decode() if id(p) not in align_ids] if callable(decode) else []
+    groups = param_groups(distiller, head_params=heads + align, lr=o["lr"], head_lr_mult=o["head_lr_mult"])
+    if align:
+        head_group = groups[-1]
+        head_group["params"] = [p for p in head_group["params"] if id(p) not in align_ids]
+        mult = o["head_lr_mult"] if o.get("align_lr_mult") is None else o["align_lr_mult"]
+        align_group: dict[str, Any] = {"name": "align", "params": [p for p in distiller.parameters()
+                                                                   if id(p) in align_ids], "lr": o["lr"] * mult}
+        if o.get("align_eps") is not None:
+            if o["name"] != "adamw":
+                raise ValueError(f"optim.align_eps is an AdamW setting, but optim.name is {o['name']!r}")
+            align_group["eps"] = float(o["align_eps"])
+        if not head_group["params"]:
+            groups.pop()
+        groups.append(align_group)
+    return groups
+
+
+def group_eps(optimizer: torch.optim.Optimizer, name: str) -> float | None:
+    """The eps of the named parameter group (AdamW), None for optimizers without one or a missing group."""
+    for g in optimizer.param_groups:
+        if g.get("name") == name and "eps" in g:
+            return float(g["eps"])
+    return None
 
 
 def build_optimizer(groups: list[dict[str, Any]], optim_cfg: dict[str, Any]) -> torch.optim.Optimizer:

@@ -87,12 +87,25 @@ class RunLog:
         if self.writer:
             self.writer.add_scalar(f"val/{split}_miou", rec["miou"], it)
         if self.jsonl:
+            self.jsonl.write(self._line(rec))
+
+    def grad_shares(self, rec: dict[str, Any]) -> None:
+        """A per-term gradient record ``{"iter", "grad_share/<term>", "grad_norm/<term>", "head_grad_rms/<head>"}``
+        (``train.grad_share_interval``) to metrics.jsonl and TensorBoard (same tags)."""
+        if not self.main:
+            return
+        if self.jsonl:
             self.jsonl.write(json.dumps(rec) + "\n")
+            self.jsonl.flush()
+        if self.writer:
+            for k, v in rec.items():
+                if k != "iter":
+                    self.writer.add_scalar(k, v, rec["iter"])
 
     def record(self, rec: dict[str, Any]) -> None:
         """Any other record (the final evaluation) to metrics.jsonl."""
         if self.jsonl:
-            self.jsonl.write(json.dumps(rec) + "\n")
+            self.jsonl.write(self._line(rec))
 
     def close(self) -> None:
         if self.jsonl:
