@@ -16,7 +16,7 @@ def write(p: Path, text: str) -> Path:
 
 def test_defaults_only() -> None:
     cfg = load_config(None)
-    assert cfg == DEFAULTS
+    assert cfg == merge(DEFAULTS, {"experiment": {"name": "run"}})  # no config file: the run is called "run"
     assert cfg is not DEFAULTS  # a copy: callers may mutate it
 
 

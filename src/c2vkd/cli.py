@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/plots)")
 
-    p = sub.add_parser("predict", help="colour predictions (and overlays) of a checkpoint on images")
+    p = sub.add_parser("predict", help="class-id masks, colour predictions, overlays and a captioned side-by-side "
+                                       "with a legend, for a checkpoint on images")
     _add_config_args(p)
     p.add_argument("--checkpoint", required=True, help="student export (.safetensors) or training checkpoint (.pt)")
     p.add_argument("--input", required=True, help="an image or a folder of images")

@@ -103,7 +103,8 @@ def run_variant(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     if done.is_file():
         return json.loads(done.read_text())
     t0 = time.perf_counter()
-    resume = "auto" if (run_dir / "checkpoints").is_dir() else None
+    # rerun = resume: an interrupted variant's folder (even one that died before its first checkpoint)
+    resume = "auto" if run_dir.is_dir() and any(run_dir.iterdir()) else None
     trainer = Trainer(cfg, run_dir=run_dir, resume=resume)
     result = trainer.fit()
     fm = result.final_metrics or {}

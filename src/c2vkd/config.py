@@ -24,12 +24,25 @@ from c2vkd.registry import suggest
 
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"
 
+# Types of keys whose default is null (any other key's type is its default's type).
+NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
+    "experiment.name": (str,), "data.root": (str,), "data.ignore_index": (int,), "data.num_classes": (int,),
+    "data.augment_pool_seed": (int,), "student.pretrained": (str,), "teacher.name": (str,),
+    "teacher.checkpoint": (str,), "teacher.cache": (str,), "train.grad_clip": (int, float),
+    "train.max_val_batches": (int,),
+}
+
+# Keys holding file or folder paths: a run's saved config.yaml stores them absolute, so `eval`, `predict` and
+# `export` work from any directory. Loss entries: string arguments named *checkpoint / *_path / *_dir.
+PATH_KEYS = ("experiment.output_dir", "data.root", "student.pretrained", "teacher.checkpoint", "teacher.cache")
+
 # Keys whose value is a free-form mapping (validated later by the component that consumes it).
 OPEN_KEYS = {"student.kwargs", "teacher.kwargs", "balance.targets"}
 
 DEFAULTS: dict[str, Any] = {
     "experiment": {
-        "name": "run",            # run directory is <output_dir>/<name>
+        "name": None,             # run directory is <output_dir>/<name>; null -> the config file's name
+                                  # (configs/camvid_kd.yaml -> camvid_kd), "run" without a file
         "output_dir": "runs",
         "seed": 0,
         "deterministic": False,   # torch.use_deterministic_algorithms (slower; needed for bitwise resume on GPU)
@@ -75,6 +88,9 @@ DEFAULTS: dict[str, Any] = {
     "teacher": {
         "name": None,             # null -> no teacher (supervised training)
         "checkpoint": None,       # trained teacher weights (c2vkd run checkpoint, export, or a supported format)
+        # Distilling from a teacher without a checkpoint (random weights) is an error for train/distill unless
+        # this is true (smoke tests, toy examples); diagnostics such as `c2vkd report` allow it with a warning.
+        "allow_random_init": False,
         "kwargs": {},
         "channels_last": False,
         # Folder written by `c2vkd cache-teacher`: when set, distillation reads the teacher's logits (and the
@@ -294,13 +310,21 @@ def _list_index(node: list, part: str, where: str) -> int:
     return idx
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _type_ok(default: Any, value: Any) -> bool:
     if default is None or value is None:
         return True
     if isinstance(default, bool):
         return isinstance(value, bool)
-    if isinstance(default, (int, float)):
+    if isinstance(default, int):  # an iteration count of 5.5 is a typo, not 5
+        return _is_int(value)
+    if isinstance(default, float):
         return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, (list, tuple)) and default and all(_is_int(v) for v in default):
+        return isinstance(value, (list, tuple)) and all(_is_int(v) for v in value)  # sizes such as crop_size
     if isinstance(default, (list, tuple)):
         return isinstance(value, (list, tuple))
     return isinstance(value, type(default))
@@ -373,7 +397,16 @@ def validate(cfg: dict[str, Any], *, source: str = "config", partial: bool = Fal
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: {full} must be a mapping, got {value!r}")
             validate(value, source=source, partial=partial, schema=default, prefix=f"{full}.")
+        elif full in NULLABLE_TYPES:
+            kinds = NULLABLE_TYPES[full]
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+                names = " or ".join("an integer" if k is int else "a number" if k is float else "a string"
+                                    for k in kinds)
+                raise ConfigError(f"{source}: {full} = {value!r} must be {names} or null")
         elif not _type_ok(default, value):
+            if _is_int(default) or (isinstance(default, list) and default and all(_is_int(v) for v in default)):
+                what = "an integer" if _is_int(default) else "a list of integers"
+                raise ConfigError(f"{source}: {full} = {value!r} must be {what} (default {default!r})")
             raise ConfigError(f"{source}: {full} = {value!r} has type {type(value).__name__}, "
                               f"expected {type(default).__name__} (default {default!r})")
 
@@ -404,7 +437,33 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, *,
         cfg = apply_overrides(cfg, overrides)
         validate(cfg, source="--set overrides")
     validate(cfg, source=str(path) if path else "defaults")
+    if cfg["experiment"]["name"] is None:  # runs of different config files never share runs/run
+        cfg["experiment"]["name"] = Path(path).stem if path is not None else "run"
     return cfg
+
+
+def absolute_paths(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``cfg`` with every path (:data:`PATH_KEYS`, ``.py`` entries of ``experiment.imports``, loss
+    arguments named ``*checkpoint`` / ``*_path`` / ``*_dir``) absolute, relative to the working directory.
+    Symlinks are kept (no resolve), ``~`` is expanded."""
+    import os
+
+    def absolute(p: Any) -> Any:
+        return os.path.abspath(os.path.expanduser(p)) if isinstance(p, str) and p else p
+
+    out = copy.deepcopy(cfg)
+    for dotted in PATH_KEYS:
+        section, key = dotted.split(".")
+        if isinstance(out.get(section), dict) and key in out[section]:
+            out[section][key] = absolute(out[section][key])
+    exp = out.get("experiment", {})
+    if isinstance(exp.get("imports"), list):
+        exp["imports"] = [absolute(m) if isinstance(m, str) and m.endswith(".py") else m for m in exp["imports"]]
+    for entry in out.get("losses") or []:
+        for k, v in list(entry.items()):
+            if isinstance(v, str) and (k.endswith("checkpoint") or k.endswith("_path") or k.endswith("_dir")):
+                entry[k] = absolute(v)
+    return out
 
 
 def dump_config(cfg: dict[str, Any]) -> str:

@@ -34,7 +34,7 @@ def run_demo(run_dir: str | Path = "runs/demo", overrides: Sequence[str] = (), *
     if not teacher_file.is_file():
         log.info("demo stage 1/3: training the teacher (DeepLabV3+-R18) in %s", teacher_dir)
         tcfg = load_config("demo_teacher.yaml", common)
-        resume = "auto" if (teacher_dir / "checkpoints").is_dir() else None
+        resume = "auto" if teacher_dir.is_dir() and any(teacher_dir.iterdir()) else None  # rerun = resume
         Trainer(tcfg, run_dir=teacher_dir, resume=resume).fit()
     else:
         log.info("demo stage 1/3: teacher already trained (%s)", teacher_file)

@@ -26,7 +26,7 @@ from typing import Any
 log = logging.getLogger("c2vkd")
 
 # keys of a training record that are not loss terms
-_META = {"iter", "lr", "loss", "img_per_s", "grad_norm", "skipped"}
+_META = {"iter", "lr", "loss", "img_per_s", "grad_norm", "skipped", "run_id"}
 
 
 class PlotError(ValueError):

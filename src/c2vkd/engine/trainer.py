@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from c2vkd.config import dump_config
+from c2vkd.config import absolute_paths, dump_config
 from c2vkd.data import build_dataloader, build_dataset
+from c2vkd.data.preflight import preflight
 from c2vkd.engine import checkpoints
 from c2vkd.engine.distiller import Distiller
 from c2vkd.engine.evaluation import evaluate_split
@@ -32,6 +33,7 @@ from c2vkd.engine.failures import (NonFiniteLossError, TrainingInterrupted, Trai
                                    handle_non_finite, oom_message)
 from c2vkd.engine.loss_config import needs_teacher, validate_loss_args
 from c2vkd.engine.optim import build_optimizer, build_scheduler, distiller_param_groups
+from c2vkd.engine.run_dir import new_run_id, read_run_id, refuse_used, truncate_metrics, write_run_id
 from c2vkd.engine.run_log import RunLog
 from c2vkd.engine.teacher_cache.store import CachedTeacherDataset, open_for_config
 from c2vkd.engine.runtime import autocast_ctx, pick_device, rng_state, seed_everything, set_rng_state
@@ -56,7 +58,8 @@ class RunResult:
 class Trainer:
     def __init__(self, cfg: dict[str, Any], *, run_dir: Path | None = None, resume: str | None = None) -> None:
         validate_loss_args(cfg)
-        self.cfg = cfg
+        # every path absolute: the saved config.yaml and checkpoint metadata work from any directory
+        self.cfg = cfg = absolute_paths(cfg)
         exp, tr = cfg["experiment"], cfg["train"]
         self.device = pick_device(tr["device"])
         dist.init_from_env(self.device.type)
@@ -65,6 +68,8 @@ class Trainer:
         self.rank, self.world = dist.rank(), dist.world_size()
         self.main = self.rank == 0
         self.run_dir = Path(run_dir) if run_dir else Path(exp["output_dir"]) / exp["name"]
+        if not resume:  # before logging creates train.log: a new run never writes into another run's folder
+            self._refuse_used_run_dir()
         setup_logging(self.run_dir if self.main else None, main_process=self.main)
         if exp["deterministic"]:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -78,6 +83,9 @@ class Trainer:
         self.num_classes = self.train_set.num_classes
         self.class_names = list(self.train_set.classes)
         self.ignore_index = self.train_set.ignore_index
+        # before iteration 1, not at the first validation: every split this run reads exists, is not empty and
+        # has labels of the images' sizes (headers only)
+        preflight(d, ["train", cfg["eval"]["split"], cfg["eval"]["final_split"]], built={"train": self.train_set})
 
         self.student, self.teacher = build_from_config(cfg, self.num_classes, self.class_names, self.device)
         if cfg["student"]["sync_bn"]:
@@ -101,8 +109,12 @@ class Trainer:
         self.best_miou = -1.0
         self.history: list[dict[str, Any]] = []
         self._stop_signal: int | None = None
+        self.run_id: str | None = None  # engine/run_dir.py: stored in run.json, checkpoints, metrics lines
+        self.resumed = bool(resume)
         if resume:
             self._resume(resume)
+        if self.run_id is None:
+            self.run_id = read_run_id(self.run_dir) or new_run_id()
         self.ddp_model: nn.Module = self.model
         if self.world > 1:
             # a weight-0 term ("compute and log only") leaves its alignment head out of the graph
@@ -113,6 +125,20 @@ class Trainer:
                 find_unused_parameters=unused)
 
     # ----------------------------------------------------------------------------------------- setup
+    def _refuse_used_run_dir(self) -> None:
+        """:class:`RunDirectoryError` on every rank (they agree) if the run directory already holds files."""
+        err = None
+        try:
+            refuse_used(self.run_dir)
+        except ValueError as e:
+            err = e
+        if self.world > 1:
+            flag = torch.tensor([int(err is not None)], dtype=torch.int64, device=self.device)
+            if int(dist.all_reduce_(flag, "max").item()) and err is None:
+                raise RuntimeError(f"another process found run directory {self.run_dir} in use (see its error)")
+        if err is not None:
+            raise err
+
     def _sync_bn(self, student: nn.Module) -> nn.Module:
         """student.sync_bn: BatchNorm statistics over the total batch of all processes (before taps are
         attached, so hooks land on the converted modules; parameters are reused, not copied)."""
@@ -132,6 +158,7 @@ class Trainer:
     def checkpoint_state(self) -> dict[str, Any]:
         return {
             "format": checkpoints.FORMAT,
+            "run_id": self.run_id,
             "meta": {"model": self.cfg["student"]["name"], "num_classes": self.num_classes,
                      "kwargs": dict(self.cfg["student"]["kwargs"]), "classes": self.class_names,
                      "config": dump_config(self.cfg)},
@@ -162,7 +189,8 @@ class Trainer:
 
     def _resume(self, spec: str) -> None:
         if spec == "auto":
-            path = checkpoints.latest_valid(self._ckpt_dir())
+            # only this directory's run (run.json); a directory without one (older runs) accepts any checkpoint
+            path = checkpoints.latest_valid(self._ckpt_dir(), run_id=read_run_id(self.run_dir))
             if path is None:
                 log.info("--resume auto: no valid checkpoint in %s, starting from scratch", self._ckpt_dir())
                 return
@@ -170,6 +198,7 @@ class Trainer:
             path = Path(spec)
         state = checkpoints.load_training_checkpoint(path, model=self.cfg["student"]["name"],
                                                      num_classes=self.num_classes)
+        self.run_id = state.get("run_id") or read_run_id(self.run_dir)  # the resumed run keeps its id
         self.student.load_state_dict(state["student"])
         self.model.losses.load_state_dict(state["loss_heads"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -202,7 +231,10 @@ class Trainer:
         cfg, tr, d = self.cfg, self.cfg["train"], self.cfg["data"]
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_run_id(self.run_dir, self.run_id)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+            if self.resumed:  # the steps after the checkpoint are logged again: no record twice
+                truncate_metrics(self.run_dir / "metrics.jsonl", self.iteration, final_iter=self.total_iters)
         accum = int(tr["accum_steps"])
         batch = int(d["batch_size"])
         if batch % self.world:
@@ -210,7 +242,9 @@ class Trainer:
                              f"world size {self.world}")
         per_rank = batch // self.world
         loader = self.train_loader(per_rank, accum)
-        run_log = RunLog(self.run_dir, main=self.main, device=self.device)
+        run_log = RunLog(self.run_dir, main=self.main, device=self.device, run_id=self.run_id,
+                         total=self.total_iters, start=self.iteration,
+                         purge_step=self.iteration + 1 if self.resumed else None)
         old_handlers = self._install_signal_handlers()
         if tr["progress"]:
             run_log.open_bar(self.total_iters, self.iteration)

@@ -17,8 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from c2vkd.config import ConfigError
+from c2vkd.engine.loss_config import needs_teacher
 from c2vkd.models import build_model, load_checkpoint_weights
-from c2vkd.utils.io import CheckpointError, safe_load
+from c2vkd.utils.io import CheckpointError, replace_with_default_mode, safe_load
 
 log = logging.getLogger("c2vkd")
 
@@ -35,7 +37,7 @@ def save_student(path: Path, model: nn.Module, name: str, num_classes: int, kwar
             "kwargs": json.dumps(kwargs), "classes": json.dumps(classes)}
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata=meta)
-    tmp.replace(path)
+    replace_with_default_mode(tmp, path)  # safetensors creates 0600 files; checkpoints and logs are 0644
     return path
 
 
@@ -106,6 +108,11 @@ def build_from_config(cfg: dict[str, Any], num_classes: int, class_names: list[s
         if t["checkpoint"]:
             load_model_weights(teacher, t["checkpoint"], name=t["name"], num_classes=num_classes)
             log.info("teacher %s: loaded %s", t["name"], t["checkpoint"])
+        elif needs_teacher(cfg) and not t["allow_random_init"]:
+            raise ConfigError(f"teacher {t['name']} has no weights: teacher.checkpoint is not set, so the losses "
+                              "would distil a randomly initialised network. Set teacher.checkpoint to the trained "
+                              "teacher (a c2vkd run checkpoint or export, or a supported checkpoint format), or "
+                              "set teacher.allow_random_init: true (smoke tests only)")
         else:
             log.warning("TEACHER %s HAS RANDOM WEIGHTS (teacher.checkpoint is not set): distillation from it "
                         "is meaningless except for smoke tests", t["name"])

@@ -21,7 +21,7 @@ from c2vkd.engine.teacher_cache.fingerprint import pool_seed_of, settings_sha256
 from c2vkd.engine.teacher_cache.store import FORMAT, INDEX_FILE
 from c2vkd.engine.weights import build_from_config
 from c2vkd.models import FeatureTaps
-from c2vkd.utils.io import atomic_write_text
+from c2vkd.utils.io import atomic_write_text, replace_with_default_mode
 
 log = logging.getLogger("c2vkd")
 
@@ -33,7 +33,7 @@ def _save_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_with_default_mode(tmp, path)
 
 
 def _shard_ok(path: Path, settings: str, views: int) -> bool:
