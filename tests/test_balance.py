@@ -109,16 +109,31 @@ def _cfg(**kw):
 def test_balancer_schedule_ema_and_state() -> None:
     bal = TermBalancer(_cfg(), {"a": 1.0, "b": 1.0, "ce0": 0.0})
     assert [s for s in range(16) if bal.due(s)] == [0, 1, 2, 5, 10, 15]
+    # anchor = the untargeted non-zero-weight terms' weighted norm (a: 1 x 2.0); b's ratio 0.01 / 2.0
     w1 = bal.observe({"a": 2.0, "b": 0.01, "ce0": 5.0})
-    assert w1["b"] == pytest.approx(0.2 * (2.0 / 0.8) / 0.01) and w1["ce0"] == 0.0 and w1["a"] == 1.0
-    w2 = bal.observe({"a": 4.0, "b": 0.03, "ce0": 5.0})   # EMA 0.5: a 3.0, b 0.02
-    assert bal.norms == pytest.approx({"a": 3.0, "b": 0.02})
-    assert w2["b"] == pytest.approx(0.2 * (3.0 / 0.8) / 0.02)
+    assert w1["b"] == pytest.approx(0.2 / 0.8 * 2.0 / 0.01) and w1["ce0"] == 0.0 and w1["a"] == 1.0
+    # the share it gives at those norms is exactly the target
+    assert w1["b"] * 0.01 / (2.0 + w1["b"] * 0.01) == pytest.approx(0.2)
+    # EMA 0.5 of log ratios = geometric mean of the ratios 0.005 and 0.03 / 6.0 = 0.005 -> unchanged weight;
+    # a batch where every norm doubles leaves the weight where it was
+    w2 = dict(bal.observe({"a": 6.0, "b": 0.03, "ce0": 5.0}))
+    assert w2["b"] == pytest.approx(w1["b"])
+    w3 = bal.observe({"a": 2.0, "b": 0.04, "ce0": 5.0})            # ratio 0.02: log-mean with 0.005 -> 0.01
+    assert bal.log_ratio["b"] == pytest.approx(0.5 * math.log(0.005) + 0.5 * math.log(0.02))
+    assert w3["b"] == pytest.approx(0.25 / 0.01)
+    assert bal.updates == 3
     other = TermBalancer(_cfg(), {"a": 1.0, "b": 1.0, "ce0": 0.0})
     other.load_state_dict(bal.state_dict())
-    assert other.state_dict() == bal.state_dict() and other.weights == w2
+    assert other.state_dict() == bal.state_dict() and other.weights == w3
     with pytest.raises(KeyError, match="other losses"):
         TermBalancer(_cfg(), {"a": 1.0, "b": 1.0, "zz": 1.0}).load_state_dict(bal.state_dict())
+
+
+def test_all_targeted_terms_keep_the_total_scale() -> None:
+    bal = TermBalancer(_cfg(targets={"a": 0.75, "b": 0.25}, ema=0.0), {"a": 1.0, "b": 1.0})
+    w = bal.observe({"a": 3.0, "b": 1.0})                          # anchor = 1 x 3 + 1 x 1 = 4
+    assert w == pytest.approx({"a": 0.75 * 4 / 3.0, "b": 0.25 * 4 / 1.0})
+    assert w["a"] * 3.0 + w["b"] * 1.0 == pytest.approx(4.0)
 
 
 def test_balance_config_errors() -> None:
