@@ -27,12 +27,13 @@ from c2vkd.config import absolute_paths, dump_config
 from c2vkd.data import build_dataloader, build_dataset
 from c2vkd.data.preflight import preflight
 from c2vkd.engine import checkpoints
+from c2vkd.engine.balance import TermBalancer, measure_term_gradients, shares, student_parts
 from c2vkd.engine.distiller import Distiller
 from c2vkd.engine.evaluation import evaluate_split
 from c2vkd.engine.failures import (NonFiniteLossError, TrainingInterrupted, TrainingOutOfMemoryError,
                                    handle_non_finite, oom_message)
 from c2vkd.engine.loss_config import needs_teacher, validate_loss_args
-from c2vkd.engine.optim import build_optimizer, build_scheduler, distiller_param_groups
+from c2vkd.engine.optim import build_optimizer, build_scheduler, distiller_param_groups, group_eps
 from c2vkd.engine.run_dir import new_run_id, read_run_id, refuse_used, truncate_metrics, write_run_id
 from c2vkd.engine.run_log import RunLog
 from c2vkd.engine.teacher_cache.store import CachedTeacherDataset, open_for_config
@@ -100,6 +101,14 @@ class Trainer:
                                ignore_index=self.ignore_index, teacher=self.teacher,
                                probe_hw=crop, teacher_cache=self.teacher_cache).to(self.device)
         self.optimizer = build_optimizer(distiller_param_groups(self.model, self.student, cfg["optim"]), cfg["optim"])
+        # Per-term gradient measurement (engine/balance.py): for `balance`, `train.grad_share_interval` and
+        # `c2vkd report`. Alignment heads are measured apart from the student (they are not deployed).
+        self.parts = student_parts(self.student, [(e["name"], m) for e, m in zip(cfg["losses"], self.model.losses)])
+        self.balancer = (TermBalancer(cfg["balance"], self.model.term_weights())
+                         if cfg["balance"]["mode"] != "off" else None)
+        self.grad_share_interval = int(tr["grad_share_interval"])
+        self.measurements: list[dict[str, Any]] = []   # one record per measured step (read by `c2vkd report`)
+        self._share_record: dict[str, Any] | None = None
         self.total_iters = int(cfg["schedule"]["iters"])
         self.scheduler = build_scheduler(self.optimizer, cfg["schedule"], cfg["optim"]["lr"])
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=(self.amp == "fp16"))
@@ -170,6 +179,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
+            "balance": self.balancer.state_dict() if self.balancer is not None else None,
         }
 
     def save_checkpoint(self, tag: str | None = None) -> Path | None:
@@ -204,6 +214,13 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.balancer is not None:
+            if state.get("balance"):
+                self.balancer.load_state_dict(state["balance"])
+                self.model.set_term_weights(self.balancer.weights)
+            else:
+                log.warning("resuming %s without balancing state (saved by a run without `balance`): the balancer "
+                            "starts from the configured weights", path)
         rank_rngs = state.get("rng_ranks")
         if rank_rngs is not None and len(rank_rngs) == self.world:
             set_rng_state(rank_rngs[self.rank])
@@ -227,7 +244,10 @@ class Trainer:
                 pass
         return old
 
-    def fit(self) -> RunResult:
+    def fit(self, *, max_steps: int | None = None, finalize: bool = True) -> RunResult:
+        """Train to ``schedule.iters`` (or for at most ``max_steps`` more steps); with ``finalize`` (the
+        default) save the final checkpoint, validate, evaluate ``eval.final_split`` and export the student.
+        ``c2vkd report`` uses ``max_steps`` with ``finalize=False``."""
         cfg, tr, d = self.cfg, self.cfg["train"], self.cfg["data"]
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -252,8 +272,9 @@ class Trainer:
         val_every, ckpt_every = int(tr["val_interval"]), int(tr["ckpt_interval"])
         self.model.train()
         t_last, imgs_since = time.perf_counter(), 0
+        stop_at = self.total_iters if max_steps is None else min(self.total_iters, self.iteration + int(max_steps))
         try:
-            while self.iteration < self.total_iters:
+            while self.iteration < stop_at:
                 try:
                     terms_acc, skipped, grad_norm, n_img = self._train_step(data_iter, accum)
                 except torch.OutOfMemoryError as e:
@@ -269,9 +290,15 @@ class Trainer:
                            "loss": sum(v for k, v in terms_acc.items() if k.endswith("/w")),
                            "img_per_s": imgs_since / max(now - t_last, 1e-9), "grad_norm": grad_norm,
                            "skipped": skipped, **terms_acc}
+                    if self.balancer is not None:  # the live weights, identical on every rank
+                        rec.update({f"weight/{t}": w for t, w in self.balancer.weights.items()})
                     t_last, imgs_since = now, 0
                     self.history.append(rec)
                     run_log.train(rec)
+                if self._share_record is not None:
+                    self.history.append(self._share_record)
+                    run_log.grad_shares(self._share_record)
+                    self._share_record = None
                 if val_every and self.iteration % val_every == 0 and self.iteration < self.total_iters:
                     self._validate(run_log)
                 if ckpt_every and self.iteration % ckpt_every == 0 and self.iteration < self.total_iters:
@@ -288,6 +315,9 @@ class Trainer:
             run_log.close_bar()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
+        if not finalize:
+            run_log.close()
+            return RunResult(self.run_dir, best_miou=self.best_miou, history=self.history)
         self.save_checkpoint()
         val = self._validate(run_log)
         result = RunResult(self.run_dir, best_miou=self.best_miou, history=self.history)
@@ -337,6 +367,8 @@ class Trainer:
             sync = nullcontext()
             if self.world > 1 and micro < accum - 1:
                 sync = self.ddp_model.no_sync()  # type: ignore[operator]
+            measure = micro == 0 and self._measure_due()
+            self.model.record_graph_terms = measure
             with sync:
                 with autocast_ctx(self.device, self.amp):
                     total, terms, _ = self.ddp_model(images, target, *extra)
@@ -344,8 +376,12 @@ class Trainer:
                 if self.world > 1:  # every rank must take the same branch, or DDP's all-reduce hangs
                     dist.all_reduce_(finite, "min")
                 if not bool(finite.item()):
+                    if measure:
+                        self.model.pop_graph_terms()
                     skipped = self._non_finite(terms, sample)
                     break
+                if measure:  # extra backward per term (graph retained), before the training backward
+                    self._measure(self.model.pop_graph_terms(), terms)
                 self.scaler.scale(total / accum).backward()
             for k, v in terms.items():
                 terms_acc[k] = terms_acc.get(k, 0.0) + float(v) / accum
@@ -363,6 +399,49 @@ class Trainer:
                 self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return terms_acc, skipped, grad_norm, n_img
+
+    def _measure_due(self) -> bool:
+        """Measure per-term gradients at this step (0-based ``self.iteration``)?"""
+        if self.balancer is not None and self.balancer.due(self.iteration):
+            return True
+        k = self.grad_share_interval
+        return k > 0 and (self.iteration + 1) % k == 0
+
+    def _measure(self, raw_terms: dict[str, torch.Tensor], logged: dict[str, torch.Tensor]) -> None:
+        """Per-term gradient norms of this micro-batch (averaged over ranks, so every rank holds the same
+        numbers), the balancer's update, and the grad-share record for the log."""
+        weights = self.model.term_weights()
+        scale = float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
+        tg = measure_term_gradients(raw_terms, weights, self.parts, scale=scale)
+        parts = ("student", "backbone", "decode_head")
+        raw_norm = {t: tg.raw_norm.get(t, dict.fromkeys(parts, 0.0)) for t in weights}
+        head_rms = dict(tg.head_rms)
+        if self.world > 1:
+            flat = [raw_norm[t][p] for t in weights for p in parts] + [head_rms[h] for h in head_rms]
+            vec = torch.tensor(flat, dtype=torch.float64, device=self.device)
+            dist.all_reduce_(vec, "sum")
+            vals = (vec / self.world).tolist()
+            raw_norm = {t: {p: vals[i * len(parts) + j] for j, p in enumerate(parts)} for i, t in enumerate(weights)}
+            head_rms = dict(zip(head_rms, vals[len(weights) * len(parts):]))
+        step = self.iteration + 1
+        self.measurements.append({"iter": step, "weights": dict(weights), "raw_norm": raw_norm, "head_rms": head_rms,
+                                  "raw": {t: float(logged[t]) for t in weights}})
+        if self.grad_share_interval > 0 and step % self.grad_share_interval == 0:
+            weighted, share = shares(raw_norm, weights)
+            rec: dict[str, Any] = {"iter": step}
+            rec.update({f"grad_share/{t}": v for t, v in share.items()})
+            rec.update({f"grad_norm/{t}": v for t, v in weighted.items()})
+            rec.update({f"head_grad_rms/{h}": v for h, v in head_rms.items()})
+            self._share_record = rec
+        if self.balancer is not None and self.balancer.due(self.iteration):
+            self.model.set_term_weights(self.balancer.observe({t: n["student"] for t, n in raw_norm.items()}))
+
+    def optimizer_eps(self) -> float | None:
+        """AdamW eps applied to the alignment heads (None for SGD)."""
+        eps = group_eps(self.optimizer, "align")
+        if eps is None and isinstance(self.optimizer, torch.optim.AdamW):
+            eps = float(self.optimizer.defaults["eps"])
+        return eps
 
     def _reduce_terms(self, terms: dict[str, float]) -> dict[str, float]:
         """Average logged terms over ranks (each rank's terms are means over its share of the batch)."""
