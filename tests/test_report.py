@@ -145,3 +145,17 @@ def test_balanced_preset_reaches_its_targets(tmp_path: Path) -> None:
     for t in ("vlfd_global", "vlfd_patch", "vlfd_linguistic"):
         assert terms[t]["target"] == 0.1
         assert 0.05 <= terms[t]["grad_share"] <= 0.2, (t, terms[t])
+
+
+def test_plot_draws_grad_shares(toy: Path, tmp_path: Path) -> None:
+    from c2vkd.plots import plot_run, read_grad_shares
+
+    cfg = load_config(toy, ["train.grad_share_interval=1", "balance.mode=grad_norm", "balance.targets={kd: 0.3}"])
+    Trainer(cfg, run_dir=tmp_path / "run").fit()
+    recs = read_grad_shares(tmp_path / "run")
+    assert [r["iter"] for r in recs] == [1, 2, 3, 4]
+    written = plot_run(tmp_path / "run")
+    png = tmp_path / "run" / "plots" / "grad_share.png"
+    assert png in written and png.read_bytes()[:4] == b"\x89PNG"
+    # the balancer's live weights are not drawn as loss terms
+    assert not any("weight" in p.name for p in written)

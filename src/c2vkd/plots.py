@@ -7,7 +7,9 @@ Figures (written to ``RUN_DIR/plots`` unless ``out_dir`` is given):
 * ``lr.png``: the learning rate of the first parameter group and, when logged, the gradient norm;
 * ``val_miou.png``: periodic-validation mIoU per split, with the final evaluation(s) marked;
 * ``iou_<split>.png``: per-class IoU bars for every ``eval_<split>.json`` (classes absent from labels and
-  predictions are marked n/a, as in the printed table).
+  predictions are marked n/a, as in the printed table);
+* ``grad_share.png`` (runs with ``train.grad_share_interval`` or ``balance``): each loss term's share of the
+  student's gradient, its weighted gradient norm and, when balancing, its live weight (log scales).
 
 Records come from the trainer's JSONL: training records carry ``lr``; validation records ``val_split``;
 final evaluations ``eval_split``. A resumed run may log an iteration twice (before the crash and after the
@@ -101,7 +103,8 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 def plot_losses(train: list[dict], out: Path) -> Path:
     terms: list[str] = []
     for r in train:
-        terms += [k for k in r if k not in _META and not k.endswith("/w") and k not in terms]
+        terms += [k for k in r if k not in _META and not k.endswith("/w") and not k.startswith("weight/")
+                  and k not in terms]
     fig, axes = _figure(1 + len(terms))
     ax = axes[0]
     ax.plot(*_series(train, "loss"), color="black")
@@ -197,6 +200,44 @@ def plot_class_iou(run_dir: Path, eval_json: Path, out: Path) -> Path:
     return out
 
 
+def read_grad_shares(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The per-term gradient records (``grad_share/<term>`` keys) of ``run_dir/metrics.jsonl``, by iteration."""
+    recs: dict[int, dict] = {}
+    path = Path(run_dir) / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "iter" in rec and any(k.startswith("grad_share/") for k in rec):
+            recs[int(rec["iter"])] = rec
+    return [recs[k] for k in sorted(recs)]
+
+
+def plot_grad_shares(shares: list[dict], train: list[dict], out: Path) -> Path:
+    """Share of the student gradient, weighted gradient norm and (if logged) live weight per term."""
+    terms = [k.removeprefix("grad_share/") for k in shares[0] if k.startswith("grad_share/")]
+    weights = [t for t in terms if any(f"weight/{t}" in r for r in train)]
+    fig, axes = _figure(3 if weights else 2)
+    panels = [("grad_share/", shares, "share of the student's gradient"),
+              ("grad_norm/", shares, "weighted gradient norm on the student")]
+    if weights:
+        panels.append(("weight/", train, "live term weight (balancing)"))
+    for ax, (prefix, recs, title) in zip(axes, panels):
+        for t in terms:
+            xs, ys = _series(recs, prefix + t)
+            pts = [(x, y) for x, y in zip(xs, ys) if y > 0]  # log scale: a zero-weight term has nothing to draw
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], label=t)
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.legend(fontsize="small")
+        _iteration_axis(ax)
+    fig.suptitle("which loss terms train the student")
+    fig.savefig(out, dpi=100)
+    return out
+
+
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Write every figure the run supports; returns their paths (see the module docstring)."""
     run_dir = Path(run_dir)
@@ -210,4 +251,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         written.append(plot_val(val, final, out / "val_miou.png"))
     for ej in sorted(run_dir.glob("eval_*.json")):
         written.append(plot_class_iou(run_dir, ej, out / f"iou_{ej.stem.removeprefix('eval_')}.png"))
+    shares = read_grad_shares(run_dir)
+    if shares:
+        written.append(plot_grad_shares(shares, train, out / "grad_share.png"))
     return written
