@@ -159,3 +159,22 @@ def test_plot_draws_grad_shares(toy: Path, tmp_path: Path) -> None:
     assert png in written and png.read_bytes()[:4] == b"\x89PNG"
     # the balancer's live weights are not drawn as loss terms
     assert not any("weight" in p.name for p in written)
+
+
+def test_alignment_heads_have_their_own_group(toy: Path, tmp_path: Path) -> None:
+    # toy_vit names no decode head, so the groups are base + align
+    t = Trainer(load_config(toy, ["optim.head_lr_mult=2.0"]), run_dir=tmp_path / "a")
+    groups = {g["name"]: g for g in t.optimizer.param_groups}
+    assert list(groups) == ["base", "align"] and groups["align"]["eps"] == 1e-8
+    head_ids = {id(p) for p in t.model.losses.parameters() if p.requires_grad}
+    assert {id(p) for p in groups["align"]["params"]} == head_ids and head_ids
+    assert not head_ids & {id(p) for p in groups["base"]["params"]}
+    assert groups["align"]["initial_lr"] == pytest.approx(0.02)  # align_lr_mult null: head_lr_mult, as before
+    t = Trainer(load_config(toy, ["optim.align_lr_mult=10.0", "optim.align_eps=1.0e-12", "optim.head_lr_mult=2.0"]),
+                run_dir=tmp_path / "b")
+    groups = {g["name"]: g for g in t.optimizer.param_groups}
+    assert groups["align"]["eps"] == 1e-12 and groups["base"]["eps"] == 1e-8
+    assert groups["align"]["initial_lr"] == pytest.approx(0.1) and groups["base"]["initial_lr"] == pytest.approx(0.01)
+    assert t.optimizer_eps() == 1e-12
+    with pytest.raises(ValueError, match="align_eps is an AdamW setting"):
+        Trainer(load_config(toy, ["optim.name=sgd", "optim.align_eps=1.0e-12"]), run_dir=tmp_path / "c")
