@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import _toy  # noqa: F401  (registers toy_cnn / toy_vit)
+import _toy  # registers toy_cnn / toy_vit
 from c2vkd.cli import main
 from c2vkd.config import load_config
 from c2vkd.data.synthetic import write_folder
@@ -25,12 +25,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def kd_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 3-iteration distillation run: toy_vit student, random toy_cnn teacher, FitNet (has an adapter)."""
+    """A 3-iteration distillation run: toy_vit student, a toy_cnn teacher checkpoint, FitNet (has an adapter)."""
+    from c2vkd.engine.weights import save_student
+
     tmp = tmp_path_factory.mktemp("export")
     root = write_folder(tmp / "ds", {"train": 4, "val": 2}, size_hw=(32, 40))
+    teacher = save_student(tmp / "teacher.safetensors", _toy.ToyCNN(3), "toy_cnn", 3, {}, ["a", "b", "c"])
     cfg = load_config(None, [
         f"data.root={root}", "data.train_transform.crop_size=[32,32]", "data.train_transform.base_size=40",
         "data.batch_size=2", "data.num_workers=0", "student.name=toy_vit", "teacher.name=toy_cnn",
+        f"teacher.checkpoint={teacher}",
         "losses=[{name: ce}, {name: fitnet, weight: 0.5}]", "optim.lr=0.01", "schedule.iters=3",
         "train.progress=false", "train.ckpt_interval=2", "eval.split=null", "eval.final_split=null",
         f"experiment.output_dir={tmp}", "train.device=cpu"])
