@@ -34,3 +34,15 @@ def test_demo_runs_all_stages_and_resumes(tmp_path: Path, capsys: pytest.Capture
     before = sorted(p.stat().st_mtime_ns for p in run.rglob("*.pt"))
     assert main(["demo", "--run-dir", str(run), *fast]) == 0
     assert sorted(p.stat().st_mtime_ns for p in run.rglob("*.pt")) == before
+
+
+def test_demo_verdict_uses_the_measured_noise(tmp_path: Path) -> None:
+    from c2vkd.demo import format_verdict, load_noise
+
+    assert load_noise(tmp_path / "missing.json") is None
+    text = format_verdict(0.004, None)
+    assert "+0.40 mIoU" in text and "has not been measured" in text and "benchmarks/protocol.md" in text
+    noise = {"method": "c2vkd", "seeds": [0, 1, 2], "paired_mean": 0.001, "paired_sd": 0.005, "noise_band": 0.0098}
+    inside = format_verdict(-0.009, noise)
+    assert "-0.90 mIoU" in inside and "+/-0.98 mIoU is noise" in inside and "within the noise" in inside
+    assert "larger than the noise" in format_verdict(0.0099, noise)

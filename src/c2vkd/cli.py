@@ -370,6 +370,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = run_demo(args.run_dir, args.overrides)
     print("\nC2VKD demo on the bundled CamVid sample (tiny data, short CPU schedule: numbers are illustrative)")
     print(out["table"])
+    print("\n" + out["verdict"])
     print(f"\nrun folder: {args.run_dir} (teacher/, students/none, students/c2vkd; demo.md, students/compare.md)\n"
           f"student checkpoint: {args.run_dir}/students/c2vkd/seed0/student.safetensors; "
           f"TensorBoard: tensorboard --logdir {args.run_dir}")
