@@ -41,7 +41,25 @@ def _worker(rank: int, world: int, port: int, root: str, state: dict, out: dict)
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
+def test_shards_cover_every_image_once_and_sum_to_the_whole(tmp_path: Path) -> None:
+    """In one process (fast): the two ranks' eval loaders are disjoint, cover every image, and their confusion
+    matrices sum to the single-process one. The real all-reduce over gloo is the slow test below."""
+    root = write_folder(tmp_path / "ds", {"val": 5}, size_hw=(32, 40))
+    torch.manual_seed(0)
+    model = _toy.ToyViT(3).eval()
+    ds = build_dataset(dict(DATA, root=str(root)), "val", train=False)
+    single = evaluate(model, build_dataloader(ds, batch_size=2, train=False), num_classes=3, device="cpu",
+                      progress=False, **EVAL)
+    total, names = torch.zeros(3, 3, dtype=torch.int64), []
+    for rank in (0, 1):
+        loader = build_dataloader(ds, batch_size=2, train=False, rank=rank, world_size=2)
+        names.append([n for b in loader for n in b["name"]])
+        total += evaluate(model, loader, num_classes=3, device="cpu", progress=False, **EVAL).confusion
+    assert names == [["val_000", "val_002", "val_004"], ["val_001", "val_003"]]
+    assert torch.equal(total, single.confusion) and int(total.sum()) == single.num_pixels > 0
+
+
+@pytest.mark.slow  # two spawned processes: minutes when the shared CPU is loaded
 def test_sharded_evaluation_equals_single_process(tmp_path: Path) -> None:
     root = write_folder(tmp_path / "ds", {"val": 5}, size_hw=(32, 40))
     torch.manual_seed(0)
