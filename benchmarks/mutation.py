@@ -293,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout-factor", type=float, default=3.0, help="per-mutant timeout = factor x baseline")
     ap.add_argument("--pytest-args", default="-m not slow", help="extra pytest arguments (one string)")
     ap.add_argument("--out", type=Path, help="write every mutant and its status as JSON")
+    ap.add_argument("--only", type=int, nargs="*", help="test only these mutant numbers (as --list / the JSON "
+                    "report number them; with one target), e.g. to re-check survivors after adding tests")
     ap.add_argument("--list", action="store_true", help="only list the mutants")
     args = ap.parse_args(argv)
     extra = args.pytest_args.split() if args.pytest_args else []
@@ -329,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"the unmutated tests fail for {target} ({status}): {' '.join(tests)}")
             timeout = max(args.timeout_factor * base_secs, 20.0)
             chosen = _evenly(list(enumerate(sites)), args.max_mutants)
+            if args.only:
+                chosen = [(n, s) for n, s in enumerate(sites) if n in set(args.only)]
             print(f"{target}: {len(sites)} mutants, testing {len(chosen)}; baseline {base_secs:.1f} s "
                   f"({' '.join(tests)})", flush=True)
             mods = []
