@@ -400,14 +400,14 @@ def test_sigint_exits_130_with_a_checkpoint(tmp_path: Path) -> None:
                              str(run), *(a for s in sets for a in ("--set", s))], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     try:
-        end = time.monotonic() + 180
+        end = time.monotonic() + 400
         m = run / "metrics.jsonl"
         while not (m.is_file() and len(m.read_text().splitlines()) >= 2):
             assert proc.poll() is None, proc.communicate()[1][-4000:]
-            assert time.monotonic() < end, "no two logged iterations within 180 s"
+            assert time.monotonic() < end, "no two logged iterations within 400 s"
             time.sleep(0.02)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
