@@ -100,7 +100,7 @@ def test_closed_form_weights_golden() -> None:
 
 
 def _cfg(**kw):
-    base = {"mode": "grad_norm", "targets": {"b": 0.2}, "interval": 5, "warmup": 3, "ema": 0.5,
+    base = {"mode": "grad_norm", "targets": {"b": 0.2}, "interval": 5, "warmup": 3, "ema": 0.5, "trend": 0.0,
             "min_weight": 0.0, "max_weight": 1e8}
     base.update(kw)
     return base
@@ -109,17 +109,17 @@ def _cfg(**kw):
 def test_balancer_schedule_ema_and_state() -> None:
     bal = TermBalancer(_cfg(), {"a": 1.0, "b": 1.0, "ce0": 0.0})
     assert [s for s in range(16) if bal.due(s)] == [0, 1, 2, 5, 10, 15]
+    assert bal.horizon(0) == 0.5 and bal.horizon(2) == 1.5 and bal.horizon(5) == 2.5
     # anchor = the untargeted non-zero-weight terms' weighted norm (a: 1 x 2.0); b's ratio 0.01 / 2.0
-    w1 = bal.observe({"a": 2.0, "b": 0.01, "ce0": 5.0})
+    w1 = bal.observe({"a": 2.0, "b": 0.01, "ce0": 5.0}, step=0)
     assert w1["b"] == pytest.approx(0.2 / 0.8 * 2.0 / 0.01) and w1["ce0"] == 0.0 and w1["a"] == 1.0
     # the share it gives at those norms is exactly the target
     assert w1["b"] * 0.01 / (2.0 + w1["b"] * 0.01) == pytest.approx(0.2)
-    # EMA 0.5 of log ratios = geometric mean of the ratios 0.005 and 0.03 / 6.0 = 0.005 -> unchanged weight;
-    # a batch where every norm doubles leaves the weight where it was
-    w2 = dict(bal.observe({"a": 6.0, "b": 0.03, "ce0": 5.0}))
+    # a batch where every norm triples leaves the ratio, so the weight, where it was
+    w2 = dict(bal.observe({"a": 6.0, "b": 0.03, "ce0": 5.0}, step=1))
     assert w2["b"] == pytest.approx(w1["b"])
-    w3 = bal.observe({"a": 2.0, "b": 0.04, "ce0": 5.0})            # ratio 0.02: log-mean with 0.005 -> 0.01
-    assert bal.log_ratio["b"] == pytest.approx(0.5 * math.log(0.005) + 0.5 * math.log(0.02))
+    w3 = bal.observe({"a": 2.0, "b": 0.04, "ce0": 5.0}, step=2)   # ratio 0.02: log-mean with 0.005 -> 0.01
+    assert bal.level["b"] == pytest.approx(0.5 * math.log(0.005) + 0.5 * math.log(0.02))
     assert w3["b"] == pytest.approx(0.25 / 0.01)
     assert bal.updates == 3
     other = TermBalancer(_cfg(), {"a": 1.0, "b": 1.0, "ce0": 0.0})
@@ -129,9 +129,23 @@ def test_balancer_schedule_ema_and_state() -> None:
         TermBalancer(_cfg(), {"a": 1.0, "b": 1.0, "zz": 1.0}).load_state_dict(bal.state_dict())
 
 
+def test_trend_removes_the_lag_on_a_falling_ratio() -> None:
+    """log(g_b / g_a) falls by 0.05 per step: a plain moving average ends far behind, Holt's trend does not."""
+    def final_error(trend: float) -> float:
+        bal = TermBalancer(_cfg(ema=0.5, trend=trend, warmup=20, interval=10), {"a": 1.0, "b": 1.0})
+        for step in [s for s in range(300) if bal.due(s)]:
+            w = bal.observe({"a": 1.0, "b": math.exp(-0.05 * step)}, step=step)
+        # the weight is meant for the middle of the next interval (step 290 + 5): the exact ratio there
+        exact = 0.2 / 0.8 / math.exp(-0.05 * 295)
+        return abs(math.log(w["b"] / exact))
+
+    assert final_error(0.05) < 0.1   # 7% off after 28 measurements (the trend is learnt gradually)
+    assert final_error(0.0) > 0.7  # the plain EMA lags 0.5 nats, plus 0.25 to the mid-interval
+
+
 def test_all_targeted_terms_keep_the_total_scale() -> None:
     bal = TermBalancer(_cfg(targets={"a": 0.75, "b": 0.25}, ema=0.0), {"a": 1.0, "b": 1.0})
-    w = bal.observe({"a": 3.0, "b": 1.0})                          # anchor = 1 x 3 + 1 x 1 = 4
+    w = bal.observe({"a": 3.0, "b": 1.0}, step=0)                 # anchor = 1 x 3 + 1 x 1 = 4
     assert w == pytest.approx({"a": 0.75 * 4 / 3.0, "b": 0.25 * 4 / 1.0})
     assert w["a"] * 3.0 + w["b"] * 1.0 == pytest.approx(4.0)
 
@@ -150,6 +164,8 @@ def test_balance_config_errors() -> None:
         validate_balance(_cfg(targets={}), w)
     with pytest.raises(ValueError, match="balance.mode"):
         validate_balance(_cfg(mode="gradnorm"), w)
+    with pytest.raises(ValueError, match="balance.trend"):
+        validate_balance(_cfg(targets={"vlfd_global": 0.3}, trend=1.5), w)
     with pytest.raises(ValueError, match="interval"):
         validate_balance(_cfg(targets={"vlfd_global": 0.3}, interval=0), w)
     validate_balance(_cfg(mode="off", targets={}), w)

@@ -143,7 +143,8 @@ DEFAULTS: dict[str, Any] = {
         "targets": {},            # {term: share in (0, 1)}, e.g. {vlfd_global: 0.1}; untargeted terms keep weights
         "interval": 10,           # re-estimate every K iterations after the warm-up
         "warmup": 20,             # measure at every one of the first W iterations (the moving average settles)
-        "ema": 0.9,               # moving average of the measured norms
+        "ema": 0.5,               # level smoothing of the log norm ratios (new value weighs 1 - ema)
+        "trend": 0.05,            # trend smoothing (Holt); 0 = plain moving average (lags a falling ratio)
         "min_weight": 0.0,
         "max_weight": 1.0e8,
     },

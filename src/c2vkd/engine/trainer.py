@@ -434,7 +434,8 @@ class Trainer:
             rec.update({f"head_grad_rms/{h}": v for h, v in head_rms.items()})
             self._share_record = rec
         if self.balancer is not None and self.balancer.due(self.iteration):
-            self.model.set_term_weights(self.balancer.observe({t: n["student"] for t, n in raw_norm.items()}))
+            self.model.set_term_weights(self.balancer.observe({t: n["student"] for t, n in raw_norm.items()},
+                                                              step=self.iteration))
 
     def optimizer_eps(self) -> float | None:
         """AdamW eps applied to the alignment heads (None for SGD)."""
