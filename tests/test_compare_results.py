@@ -105,6 +105,16 @@ def test_results_accumulate_skip_and_rebuild(experiment: Path, tmp_path: Path,
     assert main(["compare", "--summarize", str(results)]) == 0
     again = json.loads((results / "compare.json").read_text())
     assert again["methods"]["kd"]["miou_mean"] == pytest.approx(summary["methods"]["kd"]["miou_mean"])
+    # a record made before a config key existed is still reused while the plan keeps that key's default...
+    rec_file = results / "none" / "seed0.json"
+    rec = json.loads(rec_file.read_text())
+    del rec["protocol"]["train"]["grad_share_interval"]
+    rec_file.write_text(json.dumps(rec))
+    assert main(argv2 + ["--methods", "none,kd"]) == 0 and trained == []
+    # ...but not when the plan sets it to something else
+    with pytest.raises(ConfigError, match="grad_share_interval"):
+        cmp.run_compare(experiment, ["none"], 1, overrides=["train.grad_share_interval=5"], out_dir=tmp_path / "y",
+                        results_dir=results)
     # a planned run under another protocol must not silently reuse them
     with pytest.raises(ConfigError, match="optim.lr"):
         cmp.run_compare(experiment, ["none"], 1, overrides=["optim.lr=0.5"], out_dir=tmp_path / "x",

@@ -401,11 +401,23 @@ def protocol_view(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+_ABSENT = object()
+
+
+def _diff(a: Any, b: Any, prefix: str = "", defaults: Any = _ABSENT) -> list[str]:
+    """Differences between a record's protocol ``a`` and the planned one ``b``. A key the record lacks (a config
+    key added by a later version) is no difference when the plan leaves it at its default."""
     if isinstance(a, dict) and isinstance(b, dict):
         keys = sorted(set(a) | set(b))
-        return [d for k in keys for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [] if a == b else [f"{prefix[:-1]}: {a!r} != {b!r}"]
+        sub = defaults if isinstance(defaults, dict) else {}
+        return [d for k in keys for d in _diff(a.get(k, _ABSENT), b.get(k, _ABSENT), f"{prefix}{k}.",
+                                                sub.get(k, _ABSENT))]
+    if a is _ABSENT and defaults is not _ABSENT and b == defaults:
+        return []
+    if a == b:
+        return []
+    show = lambda v: "(absent)" if v is _ABSENT else repr(v)  # noqa: E731
+    return [f"{prefix[:-1]}: {show(a)} != {show(b)}"]
 
 
 def code_revision() -> dict[str, Any]:
@@ -437,7 +449,9 @@ def record_path(results_dir: Path, method: str, seed: int) -> Path:
 
 def check_record(record: dict[str, Any], cfg: dict[str, Any], path: Path, teacher_sha: str | None) -> None:
     """Refuse to reuse a committed record made under another protocol or with another teacher."""
-    diffs = _diff(record.get("protocol"), protocol_view(cfg))
+    from c2vkd.config import DEFAULTS
+
+    diffs = _diff(record.get("protocol"), protocol_view(cfg), defaults=json.loads(json.dumps(DEFAULTS)))
     if diffs:
         raise ConfigError(f"{path} was made under another protocol than the planned run ({len(diffs)} "
                           f"differences: {'; '.join(diffs[:6])}). Use another --results folder, or delete the "
