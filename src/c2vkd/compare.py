@@ -25,18 +25,18 @@ DIR: ``c2vkd compare --summarize DIR`` does only that.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import random
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from c2vkd.config import ConfigError, dump_config, load_config
+# re-exported: `compare` is where users look for the statistics of a comparison
+from c2vkd.results import (bootstrap_ratio_ci, check_record, code_revision, file_sha256, gain_ratio,  # noqa: F401
+                           is_c2vkd, load_records, method_label, paired_difference, protocol_view, record_path)
 from c2vkd.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -68,14 +68,6 @@ def parse_seeds(spec: str | int, base_seed: int) -> list[int]:
 def method_file(method: str) -> str:
     """The preset file of a method name (packaged ``methods/<name>.yaml``) or the path itself."""
     return method if method.endswith((".yaml", ".yml")) else f"methods/{method}.yaml"
-
-
-def method_label(method: str) -> str:
-    return Path(method).stem if method.endswith((".yaml", ".yml")) else method
-
-
-def is_c2vkd(method: str) -> bool:
-    return method_label(method).startswith("c2vkd")
 
 
 def variant_config(config: str | Path, method: str, seed: int, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -123,77 +115,6 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return mean, std
-
-
-# two-sided 95% Student-t quantiles t_{0.975, df}, df = 1..30 (standard table values); normal beyond
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
-
-
-def t_quantile_975(df: int) -> float:
-    if df < 1:
-        raise ValueError("a confidence interval needs at least 2 paired values")
-    return _T975[df - 1] if df <= len(_T975) else 1.960
-
-
-def paired_difference(a: dict[int, float], b: dict[int, float]) -> dict[str, Any] | None:
-    """mean of a[s] - b[s] over the seeds both have, with a 95% t interval (None for the interval with one
-    seed). Pairing removes the between-seed variance both runs share (same init, data order, augmentation)."""
-    seeds = sorted(set(a) & set(b))
-    if not seeds:
-        return None
-    diffs = [a[s] - b[s] for s in seeds]
-    mean = statistics.fmean(diffs)
-    out: dict[str, Any] = {"mean": mean, "seeds": seeds, "ci95": None, "std": None}
-    if len(diffs) > 1:
-        sd = statistics.stdev(diffs)
-        half = t_quantile_975(len(diffs) - 1) * sd / math.sqrt(len(diffs))
-        out.update(std=sd, ci95=[mean - half, mean + half])
-    return out
-
-
-def gain_ratio(per_seed: dict[str, dict[int, float]], method: str, seeds: Sequence[int]) -> tuple[float | None, str | None]:
-    """(ratio, best prior) on the given seeds (a seed may repeat: bootstrap); None when the best prior gain
-    is <= 0 (the ratio is then meaningless) or a method lacks a seed."""
-    def mean(m: str) -> float | None:
-        vals = per_seed.get(m, {})
-        if any(s not in vals for s in seeds):
-            return None
-        return statistics.fmean([vals[s] for s in seeds])
-
-    base, ours = mean("none"), mean(method)
-    priors = {m: mean(m) for m in per_seed if m != "none" and not is_c2vkd(m)}
-    priors = {m: v for m, v in priors.items() if v is not None}
-    if base is None or ours is None or not priors:
-        return None, None
-    best = max(priors, key=lambda m: priors[m])
-    denom = priors[best] - base
-    return ((ours - base) / denom if denom > 0 else None), best
-
-
-def bootstrap_ratio_ci(per_seed: dict[str, dict[int, float]], method: str, seeds: Sequence[int], *,
-                       draws: int = 10000, seed: int = 0) -> dict[str, Any] | None:
-    """Percentile 95% bootstrap interval of the gain ratio over seeds (resampled jointly for all methods; the
-    best prior re-chosen in each resample). Resamples whose best prior gain is <= 0 have no ratio: their
-    fraction is reported, and the interval is taken over the others."""
-    if len(seeds) < 2:
-        return None
-    rng = random.Random(seed)
-    vals: list[float] = []
-    undefined = 0
-    for _ in range(draws):
-        sample = [rng.choice(list(seeds)) for _ in seeds]
-        r, _best = gain_ratio(per_seed, method, sample)
-        if r is None:
-            undefined += 1
-        else:
-            vals.append(r)
-    if not vals:
-        return {"ci95": None, "undefined_fraction": 1.0, "draws": draws}
-    vals.sort()
-    lo = vals[int(0.025 * (len(vals) - 1))]
-    hi = vals[int(math.ceil(0.975 * (len(vals) - 1)))]
-    return {"ci95": [lo, hi], "undefined_fraction": undefined / draws, "draws": draws}
 
 
 def summarize(results: dict[str, dict[int, dict[str, Any]]], class_names: list[str],
@@ -383,94 +304,6 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-# ------------------------------------------------------------------------------- accumulated results
-# Keys that may differ between machines and sessions without changing the experiment (paths, names, UI);
-# everything else in a record's config must equal the planned config for the record to be reused.
-RUN_LOCAL_KEYS = {("experiment", "name"), ("experiment", "output_dir"), ("experiment", "seed"), ("data", "root"),
-                  ("data", "num_workers"), ("teacher", "checkpoint"), ("teacher", "cache"), ("train", "progress"),
-                  ("train", "device")}
-
-
-def protocol_view(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The config less RUN_LOCAL_KEYS: what defines the experiment."""
-    out = json.loads(json.dumps(cfg, default=str))
-    for sec, key in RUN_LOCAL_KEYS:
-        out.get(sec, {}).pop(key, None)
-    return out
-
-
-_ABSENT = object()
-
-
-def _diff(a: Any, b: Any, prefix: str = "", defaults: Any = _ABSENT) -> list[str]:
-    """Differences between a record's protocol ``a`` and the planned one ``b``. A key the record lacks (a config
-    key added by a later version) is no difference when the plan leaves it at its default."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        keys = sorted(set(a) | set(b))
-        sub = defaults if isinstance(defaults, dict) else {}
-        return [d for k in keys for d in _diff(a.get(k, _ABSENT), b.get(k, _ABSENT), f"{prefix}{k}.",
-                                                sub.get(k, _ABSENT))]
-    if a is _ABSENT and defaults is not _ABSENT and b == defaults:
-        return []
-    if a == b:
-        return []
-    show = lambda v: "(absent)" if v is _ABSENT else repr(v)  # noqa: E731
-    return [f"{prefix[:-1]}: {show(a)} != {show(b)}"]
-
-
-def code_revision() -> dict[str, Any]:
-    """Git commit of the package source (and whether tracked files were modified), or nulls if unknown."""
-    where = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip() != ""
-        return {"commit": sha, "dirty": dirty}
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-
-
-def file_sha256(path: str | Path | None) -> str | None:
-    if not path or not Path(path).is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def record_path(results_dir: Path, method: str, seed: int) -> Path:
-    return results_dir / method_label(method) / f"seed{seed}.json"
-
-
-def check_record(record: dict[str, Any], cfg: dict[str, Any], path: Path, teacher_sha: str | None) -> None:
-    """Refuse to reuse a committed record made under another protocol or with another teacher."""
-    from c2vkd.config import DEFAULTS
-
-    diffs = _diff(record.get("protocol"), protocol_view(cfg), defaults=json.loads(json.dumps(DEFAULTS)))
-    if diffs:
-        raise ConfigError(f"{path} was made under another protocol than the planned run ({len(diffs)} "
-                          f"differences: {'; '.join(diffs[:6])}). Use another --results folder, or delete the "
-                          "record to rerun it")
-    if record.get("teacher_sha256") != teacher_sha:
-        raise ConfigError(f"{path} was made with teacher sha256 {record.get('teacher_sha256')}, but the planned "
-                          f"teacher.checkpoint has sha256 {teacher_sha}")
-
-
-def load_records(results_dir: Path) -> dict[str, dict[int, dict[str, Any]]]:
-    """Every ``<method>/seed<k>.json`` record under results_dir, by method and seed."""
-    out: dict[str, dict[int, dict[str, Any]]] = {}
-    for f in sorted(results_dir.glob("*/seed*.json")):
-        try:
-            rec = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{f} is not valid JSON ({e}); restore it from git or delete it") from None
-        out.setdefault(rec.get("method", f.parent.name), {})[int(rec["seed"])] = rec
-    return out
 
 
 def summarize_results(results_dir: str | Path, *, command: str | None = None) -> dict[str, Any]:
