@@ -137,7 +137,7 @@ class RunLog:
         if not self.main:
             return
         if self.jsonl:
-            self.jsonl.write(json.dumps(rec) + "\n")
+            self.jsonl.write(self._line(rec))
             self.jsonl.flush()
         if self.writer:
             for k, v in rec.items():
