@@ -120,7 +120,10 @@ def test_balancer_schedule_ema_and_state() -> None:
     assert w2["b"] == pytest.approx(w1["b"])
     w3 = bal.observe({"a": 2.0, "b": 0.04, "ce0": 5.0}, step=2)   # ratio 0.02: log-mean with 0.005 -> 0.01
     assert bal.level["b"] == pytest.approx(0.5 * math.log(0.005) + 0.5 * math.log(0.02))
-    assert w3["b"] == pytest.approx(0.25 / 0.01)
+    # residual log 4 (0.02 predicted as 0.005): variance 0.2 x (log 4)^2, and 0.25 of it lowers the weight
+    var = 0.2 * math.log(4.0) ** 2
+    assert bal.var["b"] == pytest.approx(var)
+    assert w3["b"] == pytest.approx(0.25 / 0.01 * math.exp(-0.25 * var))
     assert bal.updates == 3
     other = TermBalancer(_cfg(), {"a": 1.0, "b": 1.0, "ce0": 0.0})
     other.load_state_dict(bal.state_dict())
