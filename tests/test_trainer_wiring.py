@@ -131,21 +131,10 @@ def test_logged_grad_norm_is_the_unclipped_norm_at_the_step(sched_run) -> None:
         assert r["grad_norm"] == pytest.approx(spy.norms[r["iter"] - 1], rel=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="the trainer logs optimizer.param_groups[0]['lr'] after scheduler.step(), "
-                   "i.e. the lr of the NEXT step (at the last iteration an lr no step used); fix in engine/trainer.py "
-                   "fit(): take the lr for the record before stepping the scheduler")
 def test_logged_lr_is_the_lr_of_the_logged_step(sched_run) -> None:
     logged = sched_run["rows"]
     for r in logged:
         assert r["lr"] == pytest.approx(schedule(r["iter"] - 1, **SCHED), rel=1e-9), r["iter"]
-
-
-def test_logged_lr_follows_the_schedule(sched_run) -> None:
-    """What the log holds today: after iteration n the lr in effect for the next step, schedule(n)."""
-    logged = sched_run["rows"]
-    assert len(logged) == 4
-    for r in logged:
-        assert r["lr"] == pytest.approx(schedule(r["iter"], **SCHED), rel=1e-9), r["iter"]
 
 
 # ----------------------------------------------------------------------------------- SGD and clipping

@@ -280,13 +280,14 @@ class Trainer:
                 except torch.OutOfMemoryError as e:
                     raise TrainingOutOfMemoryError(self._oom_message(e, per_rank, accum)) from e
                 imgs_since += n_img
+                lr_used = self.optimizer.param_groups[0]["lr"]  # the lr this step used (logged as such)
                 self.scheduler.step()
                 self.iteration += 1
                 run_log.step()
                 if self.iteration % int(tr["log_interval"]) == 0 or self.iteration == self.total_iters:
                     terms_acc = self._reduce_terms(terms_acc)  # mean over ranks: the global-batch value
                     now = time.perf_counter()
-                    rec = {"iter": self.iteration, "lr": self.optimizer.param_groups[0]["lr"],
+                    rec = {"iter": self.iteration, "lr": lr_used,
                            "loss": sum(v for k, v in terms_acc.items() if k.endswith("/w")),
                            "img_per_s": imgs_since / max(now - t_last, 1e-9), "grad_norm": grad_norm,
                            "skipped": skipped, **terms_acc}
