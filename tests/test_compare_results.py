@@ -119,3 +119,12 @@ def test_results_accumulate_skip_and_rebuild(experiment: Path, tmp_path: Path,
     with pytest.raises(ConfigError, match="optim.lr"):
         cmp.run_compare(experiment, ["none"], 1, overrides=["optim.lr=0.5"], out_dir=tmp_path / "x",
                         results_dir=results)
+
+
+def test_compare_explains_per_method_loss_overrides_and_runs_without_eval_split(experiment: Path,
+                                                                                tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="method presets"):
+        cmp.run_compare(experiment, ["none", "kd"], 1, overrides=["losses.1.weight=3"], out_dir=tmp_path / "x")
+    s = cmp.run_compare(experiment, ["none"], 1, overrides=["eval.final_split=null", "eval.split=null"],
+                        out_dir=tmp_path / "y")
+    assert s["teacher"] is None and s["class_names"] and s["methods"] == {}

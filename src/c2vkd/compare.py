@@ -342,6 +342,11 @@ def run_compare(config: str | Path, methods: Sequence[str], seeds: str | int = 1
         raise ConfigError("--methods is empty")
     if len(set(methods)) != len(methods):
         raise ConfigError(f"--methods has duplicates: {list(methods)}")
+    per_loss = [o for o in overrides if o.split("=", 1)[0].strip().startswith("losses")]
+    if per_loss:
+        raise ConfigError(f"--set {per_loss[0]}: loss settings differ per method, so `compare` takes them from the "
+                          "method presets; write a preset (e.g. my-cirkd.yaml with `_base_: methods/cirkd.yaml` and "
+                          "your `losses`) and pass its path in --methods")
     base = load_config(config, list(overrides))
     seed_list = parse_seeds(seeds, base["experiment"]["seed"])
     out = Path(out_dir) if out_dir else Path(base["experiment"]["output_dir"]) / f"compare-{base['experiment']['name']}"
@@ -359,11 +364,11 @@ def run_compare(config: str | Path, methods: Sequence[str], seeds: str | int = 1
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "plan.yaml", dump_config({"config": str(config), "methods": list(methods),
                                                        "seeds": seed_list, "overrides": list(overrides)}))
-    split = base["eval"]["final_split"] or base["eval"]["split"]
-    teacher = _teacher_row(base, split, rdir or out) if eval_teacher else None
+    split = base["eval"]["final_split"] or base["eval"]["split"]  # None: no evaluation split configured
+    teacher = _teacher_row(base, split, rdir or out) if (eval_teacher and split) else None
     from c2vkd.data import build_dataset
 
-    class_names = list(build_dataset(base["data"], split, train=False).classes)
+    class_names = list(build_dataset(base["data"], split or "train", train=False).classes)
     title = f"c2vkd compare: {base['experiment']['name']} ({split})"
 
     def write_summary(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
