@@ -113,7 +113,7 @@ def load_run_student(run_dir: str | Path, checkpoint: str | Path | None = None
 
     meta: ``model``, ``num_classes``, ``kwargs``, ``classes`` as recorded in the checkpoint."""
     from c2vkd.config import load_config
-    from c2vkd.engine.weights import read_c2vkd_weights
+    from c2vkd.engine.weights import fit_state_dict, read_c2vkd_weights
     from c2vkd.models import build_model
 
     run = Path(run_dir)
@@ -134,10 +134,7 @@ def load_run_student(run_dir: str | Path, checkpoint: str | Path | None = None
         raise ExportError(f"{path} holds a {meta['model']}, but {run / 'config.yaml'} trains "
                           f"{cfg['student']['name']}: wrong checkpoint for this run?")
     model = build_model(meta["model"], int(meta["num_classes"]), **meta.get("kwargs", {}))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ExportError(f"{path}: student state dict does not fit {meta['model']}: missing {list(missing)[:10]}, "
-                          f"unexpected {list(unexpected)[:10]}")
+    fit_state_dict(model, state, what=f"{path}: student state dict", arch=meta["model"], error=ExportError)
     return model.eval(), meta, cfg, path
 
 
@@ -348,6 +345,7 @@ def _hf_segformer_folder(model: nn.Module, classes: list[str], mean: Sequence[fl
     from torch.nn import functional as F
     from transformers import SegformerForSemanticSegmentation, SegformerImageProcessor
 
+    from c2vkd.engine.weights import fit_state_dict
     from c2vkd.models import build_model
 
     hf_cfg = copy.deepcopy(model.config)
@@ -355,10 +353,8 @@ def _hf_segformer_folder(model: nn.Module, classes: list[str], mean: Sequence[fl
     hf_cfg.label2id = {c: i for i, c in enumerate(classes)}
     hf = SegformerForSemanticSegmentation(hf_cfg).eval()
     # our SegFormer owns transformers' own submodules (segformer.*, decode_head.*): a strict load, no renaming
-    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
-    if missing or unexpected:
-        raise ExportError(f"student state dict does not fit transformers' SegformerForSemanticSegmentation: "
-                          f"missing {list(missing)[:10]}, unexpected {list(unexpected)[:10]}")
+    fit_state_dict(hf, model.state_dict(), what="student state dict",
+                   arch="transformers' SegformerForSemanticSegmentation", error=ExportError)
     h, w = eval_hw
     processor = SegformerImageProcessor(do_resize=True, size={"height": h, "width": w}, do_rescale=True,
                                         rescale_factor=1 / 255, do_normalize=True, image_mean=list(mean),

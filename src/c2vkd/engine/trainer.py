@@ -251,6 +251,7 @@ class Trainer:
         cfg, tr, d = self.cfg, self.cfg["train"], self.cfg["data"]
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            setup_logging(self.run_dir, main_process=True)  # (again: a previous fit detached train.log)
             write_run_id(self.run_dir, self.run_id)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
             if self.resumed:  # the steps after the checkpoint are logged again: no record twice
@@ -311,6 +312,7 @@ class Trainer:
                     raise TrainingInterrupted(signum, self.iteration, self.save_checkpoint())
         except BaseException:
             run_log.close()
+            setup_logging(None, main_process=self.main)  # later messages are not this run's
             raise
         finally:
             run_log.close_bar()
@@ -318,6 +320,7 @@ class Trainer:
                 signal.signal(s, h)
         if not finalize:
             run_log.close()
+            setup_logging(None, main_process=self.main)
             return RunResult(self.run_dir, best_miou=self.best_miou, history=self.history)
         self.save_checkpoint()
         val = self._validate(run_log)
@@ -336,6 +339,8 @@ class Trainer:
             save_student(self.run_dir / "student.safetensors", self.student, self.cfg["student"]["name"],
                          self.num_classes, self.cfg["student"]["kwargs"], self.class_names)
         run_log.close()
+        # detach train.log: what a caller logs next (the demo's next stage, compare's summary) is not this run's
+        setup_logging(None, main_process=self.main)
         dist.barrier()
         return result
 

@@ -43,12 +43,12 @@ def save_student(path: Path, model: nn.Module, name: str, num_classes: int, kwar
 
 def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, what: str, arch: str,
                    allow_partial: bool = False, error: type[Exception] = CheckpointError) -> None:
-    """Load ``state`` into ``model``; missing or unexpected keys are an ``error`` naming ``what`` (the file)
-    and ``arch``, or, with ``allow_partial``, a loud PARTIAL LOAD warning. Shape mismatches raise from torch."""
+    """Load ``state`` into ``model``; missing or unexpected keys are an ``error`` "<what> does not fit <arch>:
+    missing [...], unexpected [...]" (``what`` names the file), or, with ``allow_partial``, a loud PARTIAL LOAD
+    warning. Shape mismatches raise from torch."""
     missing, unexpected = model.load_state_dict(state, strict=False)
     if (missing or unexpected) and not allow_partial:
-        raise error(f"{what}: state dict does not fit {arch}: missing {list(missing)[:10]}, "
-                    f"unexpected {list(unexpected)[:10]}")
+        raise error(f"{what} does not fit {arch}: missing {list(missing)[:10]}, unexpected {list(unexpected)[:10]}")
     if missing or unexpected:
         log.warning("PARTIAL LOAD of %s: %d missing, %d unexpected keys", what, len(missing), len(unexpected))
 
@@ -86,7 +86,7 @@ def load_model_weights(model: nn.Module, path: str | Path, *, name: str, num_cla
     if meta["model"] != name or int(meta["num_classes"]) != num_classes:
         raise CheckpointError(f"{path} holds a {meta['model']} with {meta['num_classes']} classes, but the config "
                               f"asks for {name} with {num_classes} classes")
-    fit_state_dict(model, state, what=str(path), arch=name, allow_partial=allow_partial)
+    fit_state_dict(model, state, what=f"{path}: state dict", arch=name, allow_partial=allow_partial)
 
 
 def build_from_config(cfg: dict[str, Any], num_classes: int, class_names: list[str],
@@ -133,7 +133,7 @@ def build_for_eval(path: str | Path, cfg: dict[str, Any] | None, num_classes: in
         if meta["num_classes"] != num_classes:
             raise CheckpointError(f"{path} predicts {meta['num_classes']} classes, the dataset has {num_classes}")
         model = build_model(meta["model"], num_classes, **meta.get("kwargs", {}))
-        fit_state_dict(model, state, what=str(path), arch=meta["model"])
+        fit_state_dict(model, state, what=f"{path}: state dict", arch=meta["model"])
         return model.to(device).eval(), meta["model"]
     if cfg is None:
         raise CheckpointError(f"{path} is not a c2vkd file; give a config naming the architecture")

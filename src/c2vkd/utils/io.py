@@ -116,8 +116,9 @@ def unreadable_message(path: Path, err: BaseException) -> str:
         detail = next((ln.strip() for ln in rest.splitlines() if ln.strip()), "")
     elif "weights_only" not in text:
         detail = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    detail = detail.split(" Please ")[0].split(" Check the documentation")[0]  # torch's how-to-allowlist advice
     reason = f"{type(err).__name__}: {detail}" if detail else type(err).__name__
     return (f"cannot read checkpoint {path} ({reason}). It is truncated or corrupt, not a PyTorch checkpoint, or "
-            "holds pickled Python objects besides tensors: c2vkd loads only tensors and plain containers and "
-            "never unpickles code, so such a file is refused. Save the weights as a state dict "
+            "holds pickled Python objects besides tensors: c2vkd loads only tensors and plain containers "
+            "(weights_only=True) and never unpickles code, so such a file is refused. Save the weights as a state dict "
             "(torch.save(model.state_dict(), path)) or as .safetensors and use that file")
