@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_throughput_"))
     amps = [a.strip() for a in args.amp.split(",") if a.strip()]
     base = base_overrides(args, root, work)
-    teacher = [f"teacher.name={args.teacher}", f"teacher.checkpoint={args.teacher_checkpoint or 'null'}"]
+    teacher = [f"teacher.name={args.teacher}", f"teacher.checkpoint={args.teacher_checkpoint or 'null'}",
+               "teacher.allow_random_init=true"]  # throughput does not depend on the teacher's weights
     cache_dir = work / "teacher_cache"
 
     def cfg(*extra: str, method: bool = False) -> dict:
