@@ -39,7 +39,7 @@ def _trainer(preset: str, extra: list[str], tmp: Path):
     over = [f"data.root={SAMPLE}", "data.batch_size=4", "data.num_workers=0", "data.train_transform.crop_size=[128,128]",
             "teacher.allow_random_init=true", "train.progress=false", "train.device=cpu", "schedule.iters=100000",
             *extra]
-    t = Trainer(load_config(cfg_file, over), run_dir=tmp / f"run-{preset}-{len(extra)}")
+    t = Trainer(load_config(cfg_file, over), run_dir=tmp / f"run{len(list(tmp.glob('run*')))}-{preset}")
     t.model.train()
     return t, iter(t.train_loader(4, 1))
 
