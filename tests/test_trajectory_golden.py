@@ -6,9 +6,8 @@ draw, the parameter-group order, the schedule or the loss arithmetic changes the
 compared exactly (repr round-trips a float64). One deliberate change since: the logged ``lr`` is the lr
 the step used (commit 0870698; it was the next step's), so the lr column is shifted by one step; every loss
 term and gradient norm is still the value recorded before the split. They depend on the CPU's float
-kernels: on other hardware
-re-record them from a known-good commit (the recorder is the body of ``_trajectory``) rather than loosening
-the comparison.
+kernels: on other hardware re-record them from a known-good commit (the recorder is the body of
+``_trajectory``) rather than loosening the comparison.
 """
 from __future__ import annotations
 
