@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from c2vkd.utils import dist
 from c2vkd.utils.io import atomic_write_text
 
 log = logging.getLogger("c2vkd")
@@ -33,9 +36,23 @@ def new_run_id() -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
-def refuse_used(run_dir: Path) -> None:
-    """Raise :class:`RunDirectoryError` if ``run_dir`` exists and is not empty."""
-    run_dir = Path(run_dir)
+def refuse_used(run_dir: Path, *, world: int = 1, device: torch.device | None = None) -> None:
+    """Raise :class:`RunDirectoryError` if ``run_dir`` exists and is not empty. Under DDP (``world > 1``)
+    every rank calls it and they agree, so no rank is left waiting in a collective."""
+    err = None
+    try:
+        _refuse_used(Path(run_dir))
+    except RunDirectoryError as e:
+        err = e
+    if world > 1:
+        flag = torch.tensor([int(err is not None)], dtype=torch.int64, device=device)
+        if int(dist.all_reduce_(flag, "max").item()) and err is None:
+            raise RunDirectoryError(f"another process found run directory {run_dir} in use (see its error)")
+    if err is not None:
+        raise err
+
+
+def _refuse_used(run_dir: Path) -> None:
     if not run_dir.is_dir():
         if run_dir.exists():
             raise RunDirectoryError(f"run directory {run_dir} exists and is not a directory")

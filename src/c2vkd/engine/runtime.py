@@ -4,15 +4,19 @@
 too, below the engine) and are re-exported here so the engine has one place for its runtime helpers."""
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from c2vkd.utils.device import autocast_ctx, pick_device
 
-__all__ = ["autocast_ctx", "pick_device", "rng_state", "seed_everything", "set_rng_state"]
+log = logging.getLogger("c2vkd")
+
+__all__ = ["autocast_ctx", "pick_device", "rng_state", "seed_everything", "set_rng_state", "sync_batchnorm"]
 
 
 def seed_everything(seed: int) -> None:
@@ -45,3 +49,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def _to_tuple(x: Any) -> Any:
     # weights_only loading turns the tuples of random.getstate() into lists
     return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def sync_batchnorm(student: nn.Module, *, world: int, device: torch.device) -> nn.Module:
+    """student.sync_bn: BatchNorm statistics over the total batch of all processes (before taps are
+    attached, so hooks land on the converted modules; parameters are reused, not copied)."""
+    if world == 1:
+        log.info("student.sync_bn: single process, BatchNorm already sees the whole batch (no conversion)")
+        return student
+    if device.type != "cuda":
+        raise ValueError("student.sync_bn=true needs CUDA devices: PyTorch's SyncBatchNorm has no CPU/gloo "
+                         "implementation (set student.sync_bn=false for CPU multi-process runs)")
+    n = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules())
+    log.info("student.sync_bn: converting %d BatchNorm layers to SyncBatchNorm", n)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(student)

@@ -37,7 +37,8 @@ from c2vkd.engine.optim import build_optimizer, build_scheduler, distiller_param
 from c2vkd.engine.run_dir import new_run_id, read_run_id, refuse_used, truncate_metrics, write_run_id
 from c2vkd.engine.run_log import RunLog
 from c2vkd.engine.teacher_cache.store import CachedTeacherDataset, open_for_config
-from c2vkd.engine.runtime import autocast_ctx, pick_device, rng_state, seed_everything, set_rng_state
+from c2vkd.engine.runtime import (autocast_ctx, pick_device, rng_state, seed_everything, set_rng_state,
+                                  sync_batchnorm)
 from c2vkd.engine.weights import build_from_config, save_student
 from c2vkd.metrics import format_table
 from c2vkd.utils import dist
@@ -70,7 +71,7 @@ class Trainer:
         self.main = self.rank == 0
         self.run_dir = Path(run_dir) if run_dir else Path(exp["output_dir"]) / exp["name"]
         if not resume:  # before logging creates train.log: a new run never writes into another run's folder
-            self._refuse_used_run_dir()
+            refuse_used(self.run_dir, world=self.world, device=self.device)
         setup_logging(self.run_dir if self.main else None, main_process=self.main)
         if exp["deterministic"]:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -134,32 +135,8 @@ class Trainer:
                 find_unused_parameters=unused)
 
     # ----------------------------------------------------------------------------------------- setup
-    def _refuse_used_run_dir(self) -> None:
-        """:class:`RunDirectoryError` on every rank (they agree) if the run directory already holds files."""
-        err = None
-        try:
-            refuse_used(self.run_dir)
-        except ValueError as e:
-            err = e
-        if self.world > 1:
-            flag = torch.tensor([int(err is not None)], dtype=torch.int64, device=self.device)
-            if int(dist.all_reduce_(flag, "max").item()) and err is None:
-                raise RuntimeError(f"another process found run directory {self.run_dir} in use (see its error)")
-        if err is not None:
-            raise err
-
     def _sync_bn(self, student: nn.Module) -> nn.Module:
-        """student.sync_bn: BatchNorm statistics over the total batch of all processes (before taps are
-        attached, so hooks land on the converted modules; parameters are reused, not copied)."""
-        if self.world == 1:
-            log.info("student.sync_bn: single process, BatchNorm already sees the whole batch (no conversion)")
-            return student
-        if self.device.type != "cuda":
-            raise ValueError("student.sync_bn=true needs CUDA devices: PyTorch's SyncBatchNorm has no CPU/gloo "
-                             "implementation (set student.sync_bn=false for CPU multi-process runs)")
-        n = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules())
-        log.info("student.sync_bn: converting %d BatchNorm layers to SyncBatchNorm", n)
-        return nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        return sync_batchnorm(student, world=self.world, device=self.device)  # engine/runtime.py
 
     def _ckpt_dir(self) -> Path:
         return checkpoints.checkpoint_dir(self.run_dir)
