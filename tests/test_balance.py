@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from c2vkd.engine.balance import (TermBalancer, measure_term_gradients, shares, student_parts,
-                                  validate_balance, weights_for_targets)
+from c2vkd.engine.balance import TermBalancer, validate_balance, weights_for_targets
+from c2vkd.engine.grad_probe import measure_term_gradients, shares, student_parts
 
 
 class _Student(nn.Module):

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from c2vkd.config import load_config
-from c2vkd.engine.balance import shares, weights_for_targets
+from c2vkd.engine.balance import weights_for_targets
+from c2vkd.engine.grad_probe import shares
 
 log = logging.getLogger("c2vkd")
 

@@ -1,17 +1,13 @@
-"""How much each loss term really trains the student, and automatic term balancing (config ``balance``).
+"""Automatic loss-term balancing (config ``balance``): weights from measured per-term gradient norms.
+
+The measurement itself (per-term gradient norms and shares on the student) is ``engine/grad_probe.py``.
 
 Why: a term's weight says nothing about its effect. With method.md's reductions VLFD's three terms reach the
 student with 1e-5..1e-9 of PDD's gradient, so "C2VKD" trains like PDD + CE and nothing tells the user. What
 matters is each weighted term's gradient on the student's parameters, so that is what we measure and balance.
 
-Definitions (used by ``c2vkd report``, ``train.grad_share_interval`` and the balancer alike):
-
-* ``grad_norm[i] = || d (w_i * raw_i) / d theta ||_2`` over the student's parameters ``theta`` (alignment
-  heads excluded: they are not part of the deployed model), measured with one extra backward per term;
-* ``grad_share[i] = grad_norm[i] / sum_j grad_norm[j]`` over the terms with non-zero weight (sums to 1);
-* the same split over the student's backbone and its decode head, and the RMS of the *total* gradient that
-  reaches each alignment head (compare it with the optimizer's eps: an AdamW head whose gradient RMS is far
-  below eps does not move).
+The shares are those of ``engine/grad_probe.py``: each weighted term's gradient norm on the student over the
+sum of all non-zero-weight terms' norms.
 
 Balancing (``balance.mode: grad_norm``): at each measured step the raw gradient norms ``g_i = ||d raw_i/d theta||``
 give, for each targeted term, its norm relative to an anchor,
@@ -28,7 +24,7 @@ of the coming measurement interval; the term then gets
 
 the closed-form weight that gives the term exactly its target share ``t_i`` of the summed weighted norms
 at the predicted ratios (the fixed terms keep their configured weights, and so the overall gradient scale).
-Why ratios, logarithms and a trend: per-batch gradient norms are heavy-tailed (measured on CamVid: one term's
+Why ratios, logarithms and a trend: per-batch gradient norms are heavy-tailed (measured on the CamVid sample: one term's
 norm spans 0.02..5.5 within 100 steps) and mostly move together across terms; the ratio to the anchor cancels
 the batch-wide part and the log-domain average is the typical (geometric-mean) ratio. Early in training a
 term's ratio also falls steadily (VLFD's patch term: about -0.04 nats per step on CamVid), and any moving
@@ -55,11 +51,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
-from typing import Any, Iterable
-
-import torch
-from torch import nn
+from typing import Any
 
 from c2vkd.registry import suggest
 
@@ -69,127 +61,6 @@ BALANCE_MODES = ("off", "grad_norm")
 # Estimator constants, chosen by simulation (benchmarks/balance_estimators.py, see the module docstring):
 VARIANCE_CORRECTION = 0.25  # predicted log ratio + 0.25 x residual variance: spikes count towards the mean share
 VARIANCE_EMA = 0.2         # weight of a new squared residual in the residual-variance estimate
-
-
-# --------------------------------------------------------------------------------------- measurement
-@dataclass
-class StudentParts:
-    """The parameters whose gradients are measured: the student split into backbone / decode head, and the
-    trainable alignment heads of every loss module (``"vlfd.visual_head"``, ...)."""
-
-    backbone: list[nn.Parameter]
-    decode_head: list[nn.Parameter]
-    heads: dict[str, list[nn.Parameter]] = field(default_factory=dict)
-
-    @property
-    def student(self) -> list[nn.Parameter]:
-        return self.backbone + self.decode_head
-
-    def all(self) -> list[nn.Parameter]:
-        return self.student + [p for ps in self.heads.values() for p in ps]
-
-
-_ENCODER_NAMES = ("backbone", "encoder", "segformer")
-
-
-def _decode_head_ids(student: nn.Module) -> set[int]:
-    """ids of the decode-head parameters: what ``decode_head_parameters()`` names when the model defines it,
-    else every parameter outside its encoder child (``backbone`` / ``encoder`` / ``segformer``); a model with
-    neither counts as all backbone."""
-    decode_fn = getattr(student, "decode_head_parameters", None)
-    if callable(decode_fn):
-        return {id(p) for p in decode_fn()}
-    for name in _ENCODER_NAMES:
-        enc = getattr(student, name, None)
-        if isinstance(enc, nn.Module):
-            enc_ids = {id(p) for p in enc.parameters()}
-            return {id(p) for p in student.parameters() if id(p) not in enc_ids}
-    return set()
-
-
-def student_parts(student: nn.Module, loss_modules: Iterable[tuple[str, nn.Module]]) -> StudentParts:
-    """Split the trainable parameters into backbone and decode head (see :func:`_decode_head_ids`). Alignment
-    heads are named ``<loss>.<child>`` per trainable child module of each loss (``vlfd.visual_head``)."""
-    decode_ids = _decode_head_ids(student)
-    backbone, decode = [], []
-    for p in student.parameters():
-        if p.requires_grad:
-            (decode if id(p) in decode_ids else backbone).append(p)
-    heads: dict[str, list[nn.Parameter]] = {}
-    for loss_name, module in loss_modules:
-        for child_name, child in module.named_children():
-            ps = [p for p in child.parameters() if p.requires_grad]
-            if ps:
-                heads[f"{loss_name}.{child_name}"] = ps
-        direct = [p for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        if direct:
-            heads[loss_name] = direct
-    return StudentParts(backbone, decode, heads)
-
-
-def _norm(grads: list[torch.Tensor | None]) -> float:
-    gs = [g for g in grads if g is not None]
-    if not gs:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in gs])))
-
-
-@dataclass
-class TermGradients:
-    """One measurement: per term, the L2 norm of the *raw* term's gradient (multiply by |weight| for the
-    weighted term), split by part; and the RMS of the weighted total gradient on each alignment head."""
-
-    raw_norm: dict[str, dict[str, float]]    # term -> {"student", "backbone", "decode_head"}
-    head_rms: dict[str, float]               # head name -> RMS of sum_i w_i d raw_i / d head
-
-
-def measure_term_gradients(raw_terms: dict[str, torch.Tensor], weights: dict[str, float], parts: StudentParts,
-                           *, scale: float = 1.0) -> TermGradients:
-    """Gradient norms of each raw term (graph-attached scalars) with respect to the student's parameters, by
-    one ``torch.autograd.grad`` per term (the graph is retained for the training backward that follows; no
-    ``.grad`` is touched, so DDP's reducer and the optimizer see nothing of it).
-
-    ``scale`` multiplies each term before differentiation and is divided out of the norms (pass the fp16
-    GradScaler's scale so that what is measured is what the scaled training backward sees)."""
-    params = parts.all()
-    n_b, n_d = len(parts.backbone), len(parts.decode_head)
-    raw_norm: dict[str, dict[str, float]] = {}
-    head_sum: dict[str, list[torch.Tensor | None]] = {h: [None] * len(ps) for h, ps in parts.heads.items()}
-    for term, value in raw_terms.items():
-        if not value.requires_grad:
-            raw_norm[term] = {"student": 0.0, "backbone": 0.0, "decode_head": 0.0}
-            continue
-        grads = torch.autograd.grad(value * scale, params, retain_graph=True, allow_unused=True)
-        b = _norm(list(grads[:n_b])) / scale
-        d = _norm(list(grads[n_b:n_b + n_d])) / scale
-        raw_norm[term] = {"student": math.hypot(b, d), "backbone": b, "decode_head": d}
-        w = float(weights.get(term, 0.0))
-        if w == 0.0:
-            continue
-        k = n_b + n_d
-        for h, ps in parts.heads.items():
-            acc = head_sum[h]
-            for i in range(len(ps)):
-                g = grads[k + i]
-                if g is not None:
-                    g = g.detach().float() * (w / scale)
-                    acc[i] = g if acc[i] is None else acc[i] + g
-            k += len(ps)
-    head_rms = {}
-    for h, acc in head_sum.items():
-        numel = sum(p.numel() for p in parts.heads[h])
-        sq = sum(float(g.pow(2).sum()) for g in acc if g is not None)
-        head_rms[h] = math.sqrt(sq / max(numel, 1))
-    return TermGradients(raw_norm, head_rms)
-
-
-def shares(raw_norm: dict[str, dict[str, float]], weights: dict[str, float], part: str = "student",
-           ) -> tuple[dict[str, float], dict[str, float]]:
-    """(weighted grad norm, share of the sum over non-zero-weight terms) per term, for one part."""
-    weighted = {t: abs(float(weights.get(t, 0.0))) * n[part] for t, n in raw_norm.items()}
-    total = sum(v for t, v in weighted.items() if weights.get(t, 0.0) != 0.0)
-    share = {t: (v / total if total > 0 and weights.get(t, 0.0) != 0.0 else 0.0) for t, v in weighted.items()}
-    return weighted, share
 
 
 def weights_for_targets(norms: dict[str, float], weights: dict[str, float], targets: dict[str, float], *,

@@ -66,10 +66,11 @@ def distiller_param_groups(distiller: nn.Module, student: nn.Module, optim_cfg: 
 
 
 def group_eps(optimizer: torch.optim.Optimizer, name: str) -> float | None:
-    """The eps of the named parameter group (AdamW), None for optimizers without one or a missing group."""
+    """The eps of the named parameter group (AdamW: the group's own or the optimizer's default), None for
+    optimizers without one or a missing group."""
     for g in optimizer.param_groups:
-        if g.get("name") == name and "eps" in g:
-            return float(g["eps"])
+        if g.get("name") == name:
+            return float(g["eps"]) if "eps" in g else None
     return None
 
 

@@ -27,7 +27,7 @@ from c2vkd.config import absolute_paths, dump_config
 from c2vkd.data import build_dataloader, build_dataset
 from c2vkd.data.preflight import preflight
 from c2vkd.engine import checkpoints
-from c2vkd.engine.balance import TermBalancer, measure_term_gradients, shares, student_parts
+from c2vkd.engine.grad_probe import GradientProbe
 from c2vkd.engine.distiller import Distiller
 from c2vkd.engine.evaluation import evaluate_split
 from c2vkd.engine.failures import (NonFiniteLossError, TrainingInterrupted, TrainingOutOfMemoryError,
@@ -102,14 +102,11 @@ class Trainer:
                                ignore_index=self.ignore_index, teacher=self.teacher,
                                probe_hw=crop, teacher_cache=self.teacher_cache).to(self.device)
         self.optimizer = build_optimizer(distiller_param_groups(self.model, self.student, cfg["optim"]), cfg["optim"])
-        # Per-term gradient measurement (engine/balance.py): for `balance`, `train.grad_share_interval` and
-        # `c2vkd report`. Alignment heads are measured apart from the student (they are not deployed).
-        self.parts = student_parts(self.student, [(e["name"], m) for e, m in zip(cfg["losses"], self.model.losses)])
-        self.balancer = (TermBalancer(cfg["balance"], self.model.term_weights())
-                         if cfg["balance"]["mode"] != "off" else None)
-        self.grad_share_interval = int(tr["grad_share_interval"])
-        self.measurements: list[dict[str, Any]] = []   # one record per measured step (read by `c2vkd report`)
-        self._share_record: dict[str, Any] | None = None
+        # per-term gradient measurement and balancing (engine/grad_probe.py, engine/balance.py)
+        self.probe = GradientProbe(self.student, [(e["name"], m) for e, m in zip(cfg["losses"], self.model.losses)],
+                                   term_weights=self.model.term_weights(), balance_cfg=cfg["balance"],
+                                   share_interval=tr["grad_share_interval"], world=self.world, device=self.device)
+        self.balancer = self.probe.balancer
         self.total_iters = int(cfg["schedule"]["iters"])
         self.scheduler = build_scheduler(self.optimizer, cfg["schedule"], cfg["optim"]["lr"])
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=(self.amp == "fp16"))
@@ -274,10 +271,10 @@ class Trainer:
                     t_last, imgs_since = now, 0
                     self.history.append(rec)
                     run_log.train(rec)
-                if self._share_record is not None:
-                    self.history.append(self._share_record)
-                    run_log.grad_shares(self._share_record)
-                    self._share_record = None
+                share_rec = self.probe.pop_share_record()
+                if share_rec is not None:
+                    self.history.append(share_rec)
+                    run_log.grad_shares(share_rec)
                 if val_every and self.iteration % val_every == 0 and self.iteration < self.total_iters:
                     self._validate(run_log)
                 if ckpt_every and self.iteration % ckpt_every == 0 and self.iteration < self.total_iters:
@@ -350,7 +347,7 @@ class Trainer:
             sync = nullcontext()
             if self.world > 1 and micro < accum - 1:
                 sync = self.ddp_model.no_sync()  # type: ignore[operator]
-            measure = micro == 0 and self._measure_due()
+            measure = micro == 0 and self.probe.due(self.iteration)
             self.model.record_graph_terms = measure
             with sync:
                 with autocast_ctx(self.device, self.amp):
@@ -364,7 +361,11 @@ class Trainer:
                     skipped = self._non_finite(terms, sample)
                     break
                 if measure:  # extra backward per term (graph retained), before the training backward
-                    self._measure(self.model.pop_graph_terms(), terms)
+                    new = self.probe.measure(self.iteration, self.model.pop_graph_terms(), terms,
+                                             self.model.term_weights(), scale=float(self.scaler.get_scale())
+                                             if self.scaler.is_enabled() else 1.0)
+                    if new is not None:
+                        self.model.set_term_weights(new)
                 self.scaler.scale(total / accum).backward()
             for k, v in terms.items():
                 terms_acc[k] = terms_acc.get(k, 0.0) + float(v) / accum
@@ -383,49 +384,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return terms_acc, skipped, grad_norm, n_img
 
-    def _measure_due(self) -> bool:
-        """Measure per-term gradients at this step (0-based ``self.iteration``)?"""
-        if self.balancer is not None and self.balancer.due(self.iteration):
-            return True
-        k = self.grad_share_interval
-        return k > 0 and (self.iteration + 1) % k == 0
-
-    def _measure(self, raw_terms: dict[str, torch.Tensor], logged: dict[str, torch.Tensor]) -> None:
-        """Per-term gradient norms of this micro-batch (averaged over ranks, so every rank holds the same
-        numbers), the balancer's update, and the grad-share record for the log."""
-        weights = self.model.term_weights()
-        scale = float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
-        tg = measure_term_gradients(raw_terms, weights, self.parts, scale=scale)
-        parts = ("student", "backbone", "decode_head")
-        raw_norm = {t: tg.raw_norm.get(t, dict.fromkeys(parts, 0.0)) for t in weights}
-        head_rms = dict(tg.head_rms)
-        if self.world > 1:
-            flat = [raw_norm[t][p] for t in weights for p in parts] + [head_rms[h] for h in head_rms]
-            vec = torch.tensor(flat, dtype=torch.float64, device=self.device)
-            dist.all_reduce_(vec, "sum")
-            vals = (vec / self.world).tolist()
-            raw_norm = {t: {p: vals[i * len(parts) + j] for j, p in enumerate(parts)} for i, t in enumerate(weights)}
-            head_rms = dict(zip(head_rms, vals[len(weights) * len(parts):]))
-        step = self.iteration + 1
-        self.measurements.append({"iter": step, "weights": dict(weights), "raw_norm": raw_norm, "head_rms": head_rms,
-                                  "raw": {t: float(logged[t]) for t in weights}})
-        if self.grad_share_interval > 0 and step % self.grad_share_interval == 0:
-            weighted, share = shares(raw_norm, weights)
-            rec: dict[str, Any] = {"iter": step}
-            rec.update({f"grad_share/{t}": v for t, v in share.items()})
-            rec.update({f"grad_norm/{t}": v for t, v in weighted.items()})
-            rec.update({f"head_grad_rms/{h}": v for h, v in head_rms.items()})
-            self._share_record = rec
-        if self.balancer is not None and self.balancer.due(self.iteration):
-            self.model.set_term_weights(self.balancer.observe({t: n["student"] for t, n in raw_norm.items()},
-                                                              step=self.iteration))
+    @property
+    def measurements(self) -> list[dict[str, Any]]:
+        return self.probe.measurements
 
     def optimizer_eps(self) -> float | None:
         """AdamW eps applied to the alignment heads (None for SGD)."""
-        eps = group_eps(self.optimizer, "align")
-        if eps is None and isinstance(self.optimizer, torch.optim.AdamW):
-            eps = float(self.optimizer.defaults["eps"])
-        return eps
+        return group_eps(self.optimizer, "align")
 
     def _reduce_terms(self, terms: dict[str, float]) -> dict[str, float]:
         """Average logged terms over ranks (each rank's terms are means over its share of the batch)."""
