@@ -353,6 +353,7 @@ def run_compare(config: str | Path, methods: Sequence[str], seeds: str | int = 1
     # Resolve every variant's config before training anything, so a typo in the last method fails first.
     plan = {m: {s: variant_config(config, m, s, overrides) for s in seed_list} for m in methods}
     rdir = Path(results_dir) if results_dir else None
+    revision = code_revision()  # the code this process runs: read now, not when a variant finishes
     teacher_sha = file_sha256(base["teacher"]["checkpoint"]) if rdir else None
     if rdir:  # check every committed record against the plan before training anything
         for m in methods:
@@ -405,7 +406,7 @@ def run_compare(config: str | Path, methods: Sequence[str], seeds: str | int = 1
                 cfg = plan[m][s]
                 rec = {"method": method_label(m), "seed": s, **results[m][s], "class_names": class_names,
                        "protocol_name": rdir.name, "protocol": protocol_view(cfg), "config": json.loads(
-                           json.dumps(cfg, default=str)), "code": code_revision(),
+                           json.dumps(cfg, default=str)), "code": revision,
                        "teacher_sha256": teacher_sha if cfg["teacher"]["name"] else None,
                        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command}
                 rp.parent.mkdir(parents=True, exist_ok=True)
