@@ -25,7 +25,8 @@ def _imports(folder: Path) -> set[str]:
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 found.add(node.module.split(".")[0])
         found.update(re.findall(r"importorskip\(\"([A-Za-z_]+)", text))  # optional test references
-    local = {"c2vkd", "_toy", "_ref", "conftest"}
+    # the package, and modules of the folder itself (tests import helpers from each other: _toy, test_ddp, ...)
+    local = {"c2vkd"} | {p.stem for p in folder.rglob("*.py")}
     return {m for m in found if m not in sys.stdlib_module_names and m not in local}
 
 
