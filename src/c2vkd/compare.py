@@ -354,7 +354,8 @@ def run_compare(config: str | Path, methods: Sequence[str], seeds: str | int = 1
     plan = {m: {s: variant_config(config, m, s, overrides) for s in seed_list} for m in methods}
     rdir = Path(results_dir) if results_dir else None
     revision = code_revision()  # the code this process runs: read now, not when a variant finishes
-    teacher_sha = file_sha256(base["teacher"]["checkpoint"]) if rdir else None
+    # hashed once here (the teacher file can be large) and reused for the records and the teacher row
+    teacher_sha = file_sha256(base["teacher"]["checkpoint"]) if (rdir or eval_teacher) else None
     if rdir:  # check every committed record against the plan before training anything
         for m in methods:
             for s in seed_list:
@@ -366,7 +367,7 @@ def run_compare(config: str | Path, methods: Sequence[str], seeds: str | int = 1
     atomic_write_text(out / "plan.yaml", dump_config({"config": str(config), "methods": list(methods),
                                                        "seeds": seed_list, "overrides": list(overrides)}))
     split = base["eval"]["final_split"] or base["eval"]["split"]  # None: no evaluation split configured
-    teacher = _teacher_row(base, split, rdir or out) if (eval_teacher and split) else None
+    teacher = _teacher_row(base, split, rdir or out, teacher_sha) if (eval_teacher and split) else None
     from c2vkd.data import build_dataset
 
     class_names = list(build_dataset(base["data"], split or "train", train=False).classes)
@@ -419,13 +420,12 @@ def run_compare(config: str | Path, methods: Sequence[str], seeds: str | int = 1
     return summary
 
 
-def _teacher_row(base: dict[str, Any], split: str, out: Path) -> dict[str, Any] | None:
+def _teacher_row(base: dict[str, Any], split: str, out: Path, sha: str | None) -> dict[str, Any] | None:
     """Evaluate the configured teacher checkpoint once (cached in OUT/teacher.json)."""
     t = base["teacher"]
     if not (t["name"] and t["checkpoint"]):
         return None
     tfile = out / "teacher.json"
-    sha = file_sha256(t["checkpoint"])
     if tfile.is_file():
         row = json.loads(tfile.read_text())
         if row.get("sha256") not in (None, sha):
