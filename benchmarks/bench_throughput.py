@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from c2vkd.config import load_config
     from c2vkd.data import sample_root
-    from c2vkd.engine.teacher_cache import build_teacher_cache
+    from c2vkd.runners.cache_teacher import build_teacher_cache
     from c2vkd.engine.trainer import Trainer
     from c2vkd.utils.logging import setup_logging
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from c2vkd import compare as cmp
+from c2vkd.runners import compare as cmp
 from c2vkd.cli import main
 from c2vkd.config import load_config
 from c2vkd.data import sample_root
-from c2vkd.engine.teacher_cache import build_teacher_cache
+from c2vkd.runners.cache_teacher import build_teacher_cache
 from c2vkd.engine.weights import save_student
 from c2vkd.models import build_model
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import _toy  # noqa: F401  (registers toy_cnn / toy_vit)
-from c2vkd import compare as cmp
+from c2vkd.runners import compare as cmp
 from c2vkd.cli import main
 from c2vkd.config import ConfigError, load_config
 from c2vkd.data.synthetic import write_folder

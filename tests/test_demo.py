@@ -37,7 +37,7 @@ def test_demo_runs_all_stages_and_resumes(tmp_path: Path, capsys: pytest.Capture
 
 
 def test_demo_verdict_uses_the_measured_noise(tmp_path: Path) -> None:
-    from c2vkd.demo import format_verdict, load_noise
+    from c2vkd.runners.demo import format_verdict, load_noise
 
     assert load_noise(tmp_path / "missing.json") is None
     text = format_verdict(0.004, None)

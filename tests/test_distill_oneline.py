@@ -16,7 +16,7 @@ from c2vkd.data import DatasetError
 from c2vkd.data import sample_root, synthetic
 from c2vkd.engine.weights import save_student
 from c2vkd.data.detect import detect_format
-from c2vkd.oneline import crop_for, oneline_config
+from c2vkd.runners.oneline import crop_for, oneline_config
 from c2vkd.utils.io import safe_load
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,7 +16,7 @@ from c2vkd.cli import main
 from c2vkd.config import load_config
 from c2vkd.data.synthetic import write_folder
 from c2vkd.engine.trainer import Trainer
-from c2vkd.export import ExportError, export_run, load_run_student
+from c2vkd.runners.export import ExportError, export_run, load_run_student
 from c2vkd.utils.io import safe_load
 
 
@@ -86,7 +86,7 @@ def test_export_specific_checkpoint_and_default_out_dir(kd_run: Path) -> None:
 
 
 def test_verification_failure_is_an_error(kd_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import c2vkd.export as ex
+    import c2vkd.runners.export as ex
 
     real = ex._run_torchscript
     monkeypatch.setattr(ex, "_run_torchscript", lambda path, x: real(path, x) + 1e-3)

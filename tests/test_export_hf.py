@@ -16,7 +16,7 @@ from c2vkd.config import load_config
 from c2vkd.data import sample_root
 from c2vkd.engine.trainer import Trainer
 from c2vkd.engine.weights import save_student
-from c2vkd.export import ExportError, export_run, load_run_student
+from c2vkd.runners.export import ExportError, export_run, load_run_student
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,7 +92,7 @@ def test_hf_export_loads_offline_and_matches_student_logits(sample_run: Path, tm
 
 def test_hf_export_that_does_not_reproduce_is_refused(sample_run: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import c2vkd.export as ex
+    import c2vkd.runners.export as ex
 
     real = ex._decode_head_logits
     monkeypatch.setattr(ex, "_decode_head_logits", lambda m, x: tuple(t + 1e-3 for t in real(m, x)))

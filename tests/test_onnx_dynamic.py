@@ -13,7 +13,7 @@ import _toy  # noqa: F401  (registers toy_vit)
 from c2vkd.cli import main
 from c2vkd.config import dump_config, load_config
 from c2vkd.engine.weights import save_student
-from c2vkd.export import ExportError, export_run
+from c2vkd.runners.export import ExportError, export_run
 from c2vkd.models import MODELS, build_model
 from c2vkd.models.base import SegmentationModel
 

@@ -12,7 +12,7 @@ from c2vkd.cli import main
 from c2vkd.config import load_config
 from c2vkd.data.synthetic import write_folder
 from c2vkd.engine.trainer import Trainer
-from c2vkd.plots import PlotError, plot_run, read_metrics
+from c2vkd.runners.plots import PlotError, plot_run, read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

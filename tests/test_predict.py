@@ -12,7 +12,7 @@ import _toy
 from c2vkd.cli import main
 from c2vkd.data.synthetic import write_folder
 from c2vkd.engine.weights import save_student
-from c2vkd.predict import generated_palette
+from c2vkd.runners.predict import generated_palette
 
 PALETTE = [[200, 10, 10], [10, 200, 10], [10, 10, 200]]
 

@@ -15,7 +15,7 @@ from c2vkd.cli import main
 from c2vkd.config import load_config
 from c2vkd.data.synthetic import write_folder
 from c2vkd.engine.trainer import Trainer
-from c2vkd.report import run_report
+from c2vkd.runners.report import run_report
 
 SAMPLE = Path(__file__).resolve().parents[1] / "src" / "c2vkd" / "assets" / "camvid_sample"
 
@@ -149,7 +149,7 @@ def test_balanced_preset_reaches_its_targets(tmp_path: Path) -> None:
 
 
 def test_plot_draws_grad_shares(toy: Path, tmp_path: Path) -> None:
-    from c2vkd.plots import plot_run, read_grad_shares
+    from c2vkd.runners.plots import plot_run, read_grad_shares
 
     cfg = load_config(toy, ["train.grad_share_interval=1", "balance.mode=grad_norm", "balance.targets={kd: 0.3}"])
     Trainer(cfg, run_dir=tmp_path / "run").fit()

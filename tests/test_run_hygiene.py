@@ -71,7 +71,7 @@ eval: {{split: null, final_split: null}}
 
 
 def test_resume_and_export_use_only_this_runs_checkpoints(data_root: Path, tmp_path: Path) -> None:
-    from c2vkd.export import find_checkpoint
+    from c2vkd.runners.export import find_checkpoint
 
     a, b = tmp_path / "a", tmp_path / "b"
     Trainer(make_cfg(data_root, "train.ckpt_interval=2"), run_dir=a).fit()        # iter 2, 4 of run A

@@ -17,11 +17,11 @@ from c2vkd.data.synthetic import write_folder
 from c2vkd.engine.teacher_cache import (
     TeacherCache,
     TeacherCacheError,
-    build_teacher_cache,
     decode_logits,
     encode_logits,
 )
 from c2vkd.engine.trainer import Trainer
+from c2vkd.runners.cache_teacher import build_teacher_cache
 from c2vkd.engine.weights import save_student
 
 N, POOL, CLASSES = 6, 2, ("a", "b", "c")

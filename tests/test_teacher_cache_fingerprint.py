@@ -17,9 +17,10 @@ from safetensors import safe_open
 import _toy
 from c2vkd.config import load_config
 from c2vkd.data.synthetic import write_folder
-from c2vkd.engine.teacher_cache import TeacherCacheError, build_teacher_cache
+from c2vkd.engine.teacher_cache import TeacherCacheError
 from c2vkd.engine.trainer import Trainer
 from c2vkd.engine.weights import save_student
+from c2vkd.runners.cache_teacher import build_teacher_cache
 
 N, POOL = 4, 2
 

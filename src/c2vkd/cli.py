@@ -24,7 +24,7 @@ def _add_config_args(p: argparse.ArgumentParser, config_required: bool = True) -
 
 
 def _add_oneline_args(p: argparse.ArgumentParser, *, teacher: bool) -> None:
-    """The no-config-file form of train / distill (c2vkd.oneline decides format, sizes and recipe)."""
+    """The no-config-file form of train / distill (c2vkd.runners.oneline decides format, sizes and recipe)."""
     g = p.add_argument_group("one-line run (instead of CONFIG)")
     if teacher:
         g.add_argument("--teacher", default=None, metavar="NAME[=CHECKPOINT]",
@@ -238,7 +238,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from c2vkd.oneline import method_presets
+    from c2vkd.runners.oneline import method_presets
 
     presets = method_presets()
     width = max(map(len, presets))
@@ -266,7 +266,7 @@ def _command_line(args: argparse.Namespace) -> str:
 
 def _oneline_cfg(args: argparse.Namespace, *, distill: bool) -> tuple[dict, Path]:
     """Config and run directory of `c2vkd train/distill` without a config file; prints the config."""
-    from c2vkd.oneline import oneline_config, summary
+    from c2vkd.runners.oneline import oneline_config, summary
 
     flag = "--student" if distill else "--model"
     need = [(flag, args.student), ("--data", args.data)] + ([("--teacher", args.teacher)] if distill else [])
@@ -329,13 +329,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     import shlex
 
-    from c2vkd.compare import run_compare
+    from c2vkd.runners.compare import run_compare
     from c2vkd.utils.logging import setup_logging
 
     setup_logging()
     command = "c2vkd " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["compare"] else None
     if args.summarize:
-        from c2vkd.compare import summarize_results
+        from c2vkd.runners.compare import summarize_results
 
         summary = summarize_results(args.summarize, command=command)
         print(summary["markdown"])
@@ -352,7 +352,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from c2vkd.report import run_report
+    from c2vkd.runners.report import run_report
     from c2vkd.utils.logging import setup_logging
 
     setup_logging()
@@ -363,7 +363,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from c2vkd.demo import run_demo
+    from c2vkd.runners.demo import run_demo
     from c2vkd.utils.logging import setup_logging
 
     setup_logging()
@@ -409,7 +409,7 @@ def cmd_taps(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from c2vkd.plots import plot_run
+    from c2vkd.runners.plots import plot_run
     from c2vkd.utils.logging import setup_logging
 
     setup_logging()
@@ -419,7 +419,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from c2vkd.predict import predict_images
+    from c2vkd.runners.predict import predict_images
     from c2vkd.utils.logging import setup_logging
 
     setup_logging()
@@ -430,7 +430,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from c2vkd.export import export_run, format_manifest
+    from c2vkd.runners.export import export_run, format_manifest
     from c2vkd.utils.logging import setup_logging
 
     setup_logging()
@@ -454,7 +454,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_cache_teacher(args: argparse.Namespace) -> int:
     from c2vkd.engine.loss_config import validate_loss_args
-    from c2vkd.engine.teacher_cache import build_teacher_cache
+    from c2vkd.runners.cache_teacher import build_teacher_cache
     from c2vkd.utils.logging import setup_logging
 
     setup_logging()

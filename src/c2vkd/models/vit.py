@@ -408,7 +408,7 @@ class DeiTSeg(_TimmSegModel):
         The ONNX exporter has no antialiased bicubic resize (timm's interpolation), so for a fixed-size export
         the table is resampled once here (timm ``set_input_size``, the same computation a forward does) and
         the graph adds it directly. Afterwards other sizes would interpolate from the resampled table, so
-        this copy is only meant for that one size (c2vkd.export verifies the outputs against the original).
+        this copy is only meant for that one size (c2vkd.runners.export verifies the outputs against the original).
         """
         h, w = (int(v) for v in input_hw)
         p = self.patch_size

@@ -45,17 +45,15 @@ transform code - rebuild the cache after either.
 Modules
 -------
 ``codec`` (compact logits: :func:`encode_logits` / :func:`decode_logits`), ``fingerprint`` (what the cached
-outputs depend on), ``store`` (reading a complete cache: :class:`TeacherCache`, :class:`CachedTeacherDataset`,
-:func:`open_for_config`) and ``writer`` (:func:`build_teacher_cache`, what ``c2vkd cache-teacher`` runs: it
-builds and runs the teacher, so it sits above the reader; it moves to the runners package with the other
-commands).
+outputs depend on) and ``store`` (reading a complete cache: :class:`TeacherCache`, :class:`CachedTeacherDataset`,
+:func:`open_for_config`). The writer, :func:`c2vkd.runners.cache_teacher.build_teacher_cache` (what
+``c2vkd cache-teacher`` runs), builds and runs the teacher, so it sits with the other runners.
 """
 from c2vkd.engine.teacher_cache.codec import DTYPES, TeacherCacheError, decode_logits, encode_logits, stored_hw
 from c2vkd.engine.teacher_cache.fingerprint import (fingerprint_diff, pool_seed_of, samples_sha256,
                                                     state_dict_sha256, teacher_fingerprint)
 from c2vkd.engine.teacher_cache.store import FORMAT, INDEX_FILE, CachedTeacherDataset, TeacherCache, open_for_config
-from c2vkd.engine.teacher_cache.writer import build_teacher_cache
 
 __all__ = ["DTYPES", "FORMAT", "INDEX_FILE", "CachedTeacherDataset", "TeacherCache", "TeacherCacheError",
-           "build_teacher_cache", "decode_logits", "encode_logits", "fingerprint_diff", "open_for_config",
+           "decode_logits", "encode_logits", "fingerprint_diff", "open_for_config",
            "pool_seed_of", "samples_sha256", "state_dict_sha256", "stored_hw", "teacher_fingerprint"]

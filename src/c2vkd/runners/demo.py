@@ -21,13 +21,13 @@ from c2vkd.config import load_config
 
 log = logging.getLogger(__name__)
 
-NOISE_FILE = Path(__file__).resolve().parent / "assets" / "demo_noise.json"
+NOISE_FILE = Path(__file__).resolve().parents[1] / "assets" / "demo_noise.json"
 PROTOCOL_RESULTS = "benchmarks/results/camvid-p1/compare.md"
 
 
 def run_demo(run_dir: str | Path = "runs/demo", overrides: Sequence[str] = (), *,
              latency_runs: int = 5) -> dict[str, Any]:
-    from c2vkd.compare import run_compare
+    from c2vkd.runners.compare import run_compare
     from c2vkd.data import sample_root
     from c2vkd.engine.evaluation import count_params, evaluate_checkpoint, measure_latency
     from c2vkd.engine.trainer import Trainer
@@ -51,7 +51,7 @@ def run_demo(run_dir: str | Path = "runs/demo", overrides: Sequence[str] = (), *
     summary = run_compare("demo.yaml", ["none", "c2vkd"], 1, overrides=scfg, out_dir=run_dir / "students",
                           command="c2vkd demo", eval_teacher=False)
 
-    from c2vkd.compare import RESULT_FILE
+    from c2vkd.runners.compare import RESULT_FILE
 
     for m in ("none", "c2vkd"):
         variant = run_dir / "students" / m / f"seed{summary['seeds'][0]}"

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 from c2vkd.config import ConfigError, dump_config, load_config
 # re-exported: `compare` is where users look for the statistics of a comparison
-from c2vkd.results import (bootstrap_ratio_ci, check_record, code_revision, file_sha256, gain_ratio,  # noqa: F401
+from c2vkd.runners.results import (bootstrap_ratio_ci, check_record, code_revision, file_sha256, gain_ratio,  # noqa: F401
                            is_c2vkd, load_records, method_label, paired_difference, protocol_view, record_path)
 from c2vkd.utils.io import atomic_write_text
 
