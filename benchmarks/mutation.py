@@ -19,7 +19,7 @@ already imported torch (saves the import per mutant); ``-x`` stops at the first 
 Usage (from the repository root; CPU is shared, so cap the time and the number of mutants per module):
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/mutation.py \
-        losses/pdd.py losses/kd.py metrics.py --max-mutants 60 --time-cap 1500 --out mutation_report.json
+        losses/pdd.py losses/kd.py eval/metrics.py --max-mutants 60 --time-cap 1500 --out mutation_report.json
 
 Targets are paths under ``src/c2vkd``; each has a default fast test selection (``DEFAULT_TESTS``), or pass
 ``--tests`` to use one selection for every target. ``--list`` only prints the mutants.
@@ -49,8 +49,8 @@ DEFAULT_TESTS: dict[str, list[str]] = {
     "losses/kd.py": ["tests/test_baselines_logits.py", "tests/test_loss_args.py", "-k", "kd and not dkd"],
     "losses/dkd.py": ["tests/test_baselines_logits.py", "tests/test_loss_args.py", "-k", "dkd"],
     "losses/base.py": ["tests/test_ce.py", "tests/test_pdd.py"],
-    "metrics.py": ["tests/test_metrics.py", "tests/test_inference.py"],
-    "inference.py": ["tests/test_inference.py"],
+    "eval/metrics.py": ["tests/test_metrics.py", "tests/test_inference.py"],
+    "eval/inference.py": ["tests/test_inference.py"],
     "engine/schedule.py": ["tests/test_schedule.py", "tests/test_trainer_wiring.py"],
     "engine/trainer.py": ["tests/test_trainer_wiring.py", "tests/test_engine.py"],
     "engine/distiller.py": ["tests/test_trainer_wiring.py", "tests/test_engine.py"],
@@ -286,7 +286,7 @@ def _check_import_path(scratch: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("targets", nargs="+", help="modules under src/c2vkd, e.g. losses/pdd.py metrics.py")
+    ap.add_argument("targets", nargs="+", help="modules under src/c2vkd, e.g. losses/pdd.py eval/metrics.py")
     ap.add_argument("--tests", nargs="*", help="one test selection for every target (default: DEFAULT_TESTS)")
     ap.add_argument("--max-mutants", type=int, default=0, help="per module, evenly spaced over the file (0 = all)")
     ap.add_argument("--time-cap", type=float, default=1500.0, help="total seconds; later mutants stay untested")

@@ -12,7 +12,7 @@ from PIL import Image
 from c2vkd import IGNORE_INDEX
 from c2vkd.data import build_dataset
 from c2vkd.data.synthetic import write_cityscapes
-from c2vkd.metrics import ConfusionMatrix
+from c2vkd.eval.metrics import ConfusionMatrix
 
 # cityscapesScripts helpers/labels.py: (name, labelId, trainId) of the 19 evaluated classes
 CITYSCAPES = [

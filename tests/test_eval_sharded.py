@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 import _toy
 from c2vkd.data import build_dataloader, build_dataset
 from c2vkd.data.synthetic import write_folder
-from c2vkd.inference import evaluate, predict_logits
+from c2vkd.eval.inference import evaluate, predict_logits
 
 DATA = {"format": "folder", "train_transform": {"crop_size": [32, 32]}}
 EVAL = dict(mode="slide", window=(16, 24), stride=(12, 16), scales=(0.75, 1.0), flip=True)

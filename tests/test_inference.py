@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from c2vkd import IGNORE_INDEX
-from c2vkd.inference import center_crop_box, crop_labels_like, evaluate, predict_logits, slide_windows
+from c2vkd.eval.inference import center_crop_box, crop_labels_like, evaluate, predict_logits, slide_windows
 
 K = 4
 
@@ -253,7 +253,7 @@ def _fake_loader(preds, labels, bs=2):
 
 
 class _Naive:
-    """Expected metrics counted pixel by pixel in plain Python (independent of c2vkd.metrics)."""
+    """Expected metrics counted pixel by pixel in plain Python (independent of c2vkd.eval.metrics)."""
 
     def __init__(self, preds, labels):
         mat = [[0] * K for _ in range(K)]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from c2vkd import IGNORE_INDEX
-from c2vkd.metrics import ConfusionMatrix, SegMetrics, format_table
+from c2vkd.eval.metrics import ConfusionMatrix, SegMetrics, format_table
 
 
 def _random_case(k: int = 6, shape=(2, 16, 16), seed: int = 0):

@@ -273,7 +273,7 @@ def test_best_student_is_the_best_validation_checkpoint(data_root: Path, tmp_pat
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Validation quality is scripted (bad, medium, GOOD, medium, bad): best_student.safetensors must hold the
     weights of the 3rd validation, not the last nor the first; later, worse validations must not overwrite it."""
-    import c2vkd.inference as inference
+    import c2vkd.eval.inference as inference
 
     cfg = make_cfg(data_root, tmp_path, "eval.split=val", "train.val_interval=1", "schedule.iters=5",
                    "optim.lr=0.05")
@@ -311,7 +311,7 @@ def test_best_student_is_the_best_validation_checkpoint(data_root: Path, tmp_pat
 
 def test_trainer_eval_settings_reach_inference(data_root: Path, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import c2vkd.inference as inference
+    import c2vkd.eval.inference as inference
 
     calls = []
     real = inference.predict_logits

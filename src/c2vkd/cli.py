@@ -312,7 +312,7 @@ def cmd_train(args: argparse.Namespace, *, distill: bool) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from c2vkd.engine.evaluation import evaluate_checkpoint
-    from c2vkd.metrics import format_table
+    from c2vkd.eval.metrics import format_table
     from c2vkd.utils.logging import setup_logging
 
     setup_logging()

@@ -14,8 +14,8 @@ from torch import nn
 
 from c2vkd.data import build_dataloader, build_dataset
 from c2vkd.engine.weights import build_for_eval
-from c2vkd.inference import evaluate
-from c2vkd.metrics import SegMetrics
+from c2vkd.eval.inference import evaluate
+from c2vkd.eval.metrics import SegMetrics
 from c2vkd.models import report as model_report
 from c2vkd.utils.device import pick_device
 from c2vkd.utils.sizes import as_hw

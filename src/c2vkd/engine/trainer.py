@@ -40,7 +40,7 @@ from c2vkd.engine.teacher_cache.store import CachedTeacherDataset, open_for_conf
 from c2vkd.engine.runtime import (autocast_ctx, pick_device, rng_state, seed_everything, set_rng_state,
                                   sync_batchnorm)
 from c2vkd.engine.weights import build_from_config, save_student
-from c2vkd.metrics import format_table
+from c2vkd.eval.metrics import format_table
 from c2vkd.utils import dist
 from c2vkd.utils.logging import setup_logging
 

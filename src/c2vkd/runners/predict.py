@@ -39,7 +39,7 @@ from c2vkd.data.meta import voc_colormap
 from c2vkd.data.show import blend, figure, legend_for, save_mask
 from c2vkd.data.transforms import denormalize, resize_image
 from c2vkd.engine.weights import build_for_eval, read_c2vkd_weights
-from c2vkd.inference import predict_logits
+from c2vkd.eval.inference import predict_logits
 from c2vkd.utils.device import autocast_ctx, pick_device
 from c2vkd.utils.sizes import as_hw
 

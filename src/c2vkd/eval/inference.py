@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from c2vkd import IGNORE_INDEX
-from c2vkd.metrics import ConfusionMatrix, SegMetrics
+from c2vkd.eval.metrics import ConfusionMatrix, SegMetrics
 from c2vkd.utils.device import autocast_ctx
 
 __all__ = [
@@ -323,7 +323,7 @@ def evaluate(
 
     ``loader`` yields dicts with ``"image"`` ``[B, 3, H, W]`` float and ``"label"`` ``[B, Hl, Wl]`` long
     (``ignore_index`` = ignored).  Logits are resized to the label size (``out_size``), argmax-ed and
-    accumulated in a :class:`~c2vkd.metrics.ConfusionMatrix` which is summed over ranks at the end
+    accumulated in a :class:`~c2vkd.eval.metrics.ConfusionMatrix` which is summed over ranks at the end
     (each rank should see a disjoint shard; ``DistributedSampler`` pads with duplicates, so use an
     unpadded sharding for exact multi-GPU numbers).  In ``"center_crop"`` mode labels are cropped with
     :func:`crop_labels_like`, so only the central window is scored.
