@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from _ref import kl_list, softmax_list
-from c2vkd.losses.adapters import make_adapter, resize_to
+from c2vkd.losses import make_adapter, resize_to
 from c2vkd.losses.at import ATLoss, at_loss
 from c2vkd.losses.base import LOSSES, LossContext, LossInputs
 from c2vkd.losses.cirkd import (CIRKDLoss, ClassQueues, cirkd_memory_loss, cirkd_pixel_loss, cirkd_region_loss,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from c2vkd.losses.clip_pool import ARCH_SPECS, TIMM_TO_CLIP, AttentionPool2d, load_clip_attnpool
+from c2vkd.models.clip_pool import ARCH_SPECS, TIMM_TO_CLIP, AttentionPool2d, load_clip_attnpool
 
 open_clip_mr = pytest.importorskip("open_clip.modified_resnet")
 

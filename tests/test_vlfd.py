@@ -11,7 +11,7 @@ import torch
 
 from _ref import kl_list, softmax_list
 from c2vkd.losses import LOSSES, LossContext, LossInputs
-from c2vkd.losses.clip_pool import ARCH_SPECS, AttentionPool2d
+from c2vkd.models.clip_pool import ARCH_SPECS, AttentionPool2d
 from c2vkd.losses.vlfd import VLFDLoss, linguistic_loss, patch_graph_loss, vlfd_global_loss
 
 

@@ -6,10 +6,10 @@ supervised ``ce``; C2VKD ``pdd`` and ``vlfd``; baselines ``kd``, ``dkd``, ``cwd`
 presets add."""
 from c2vkd.losses.base import LOSSES, DistillLoss, LossContext, LossInputs, masked_mean
 from c2vkd.losses.ce import CELoss, ce_loss
-from c2vkd.losses.clip_pool import AttentionPool2d, load_clip_attnpool
 from c2vkd.losses.pdd import PDD_PRESETS, PDDLoss, pdd_loss
 from c2vkd.losses.vlfd import VLFDLoss, linguistic_loss, patch_graph_loss, vlfd_global_loss
-from c2vkd.losses.adapters import FeatureAdapter, make_adapter, resize_to
+from c2vkd.losses._common import resize_to
+from c2vkd.losses.adapters import FeatureAdapter, make_adapter
 from c2vkd.losses.adversarial import AdversarialLoss, Discriminator
 from c2vkd.losses.at import ATLoss, at_loss
 from c2vkd.losses.cirkd import CIRKDLoss, cirkd_memory_loss, cirkd_pixel_loss, cirkd_region_loss
@@ -24,7 +24,7 @@ from c2vkd.losses.skd import SKDLoss, skd_loss
 __all__ = [
     "LOSSES", "DistillLoss", "LossContext", "LossInputs", "masked_mean",
     "CELoss", "ce_loss",
-    "AttentionPool2d", "load_clip_attnpool", "PDD_PRESETS", "PDDLoss", "pdd_loss",
+    "PDD_PRESETS", "PDDLoss", "pdd_loss",
     "VLFDLoss", "linguistic_loss", "patch_graph_loss", "vlfd_global_loss",
     "FeatureAdapter", "make_adapter", "resize_to",
     "AdversarialLoss", "Discriminator", "ATLoss", "at_loss", "CIRKDLoss", "cirkd_memory_loss", "cirkd_pixel_loss", "cirkd_region_loss",

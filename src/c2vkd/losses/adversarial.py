@@ -22,7 +22,7 @@ Terms (registered loss ``adv``):
     ``mean_b (||grad_x D(x_b)||_2 - 1)^2`` at ``x = a z_T + (1 - a) z_S``, ``a ~ U(0, 1)`` per image.
 The inputs are the logit maps at the output stride (``at: stride``, the reference's ``outputs[0]``; the
 student's map is resized to the teacher's size when the strides differ, see
-:func:`~c2vkd.losses.adapters.logits_pair`).
+:func:`~c2vkd.losses._common.logits_pair`).
 
 Design (why the engine is untouched). The discriminator is trained to *maximise* what the student
 minimises, so it must not be in the trainer's optimizer:
@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from c2vkd.losses.adapters import check_logits_at, logits_pair, logits_taps, no_autocast
+from c2vkd.losses._common import check_logits_at, logits_pair, logits_taps, no_autocast
 from c2vkd.losses.base import LOSSES, DistillLoss, LossContext, LossInputs
 from c2vkd.utils import dist as dist_utils
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from c2vkd.losses.adapters import feature_taps, no_autocast, resize_to, tap_shapes
+from c2vkd.losses._common import feature_taps, no_autocast, resize_to, tap_shapes
 from c2vkd.losses.base import LOSSES, DistillLoss, LossContext, LossInputs
 
 

@@ -70,7 +70,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from c2vkd.losses.adapters import AdaptedFeatureLoss, labels_to, no_autocast, resize_to, tap_shapes
+from c2vkd.losses._common import labels_to, no_autocast, resize_to, tap_shapes
+from c2vkd.losses.adapters import AdaptedFeatureLoss
 from c2vkd.losses.base import LOSSES, LossContext, LossInputs, masked_mean
 from c2vkd.utils import dist as dist_utils
 from c2vkd.utils.dist import all_gather_rows

@@ -14,7 +14,7 @@ projection), as ``CriterionCWD`` reads ``n, c, h, w = preds_S.shape`` before app
 ``"mean"`` divides by B x (the compared channel count), the per-channel mean. On logits both are B x K.
 
 ``on: logits`` (term ``cwd``): ``at: "stride"`` reads the ``logits`` taps (the reference's ``outputs[0]``,
-before the final upsample; see :func:`~c2vkd.losses.adapters.logits_pair`), ``at: "input"`` the upsampled
+before the final upsample; see :func:`~c2vkd.losses._common.logits_pair`), ``at: "input"`` the upsampled
 outputs (module default, unchanged behaviour; the preset uses the stride). ``on: features`` (term
 ``cwd_feat``, so the preset can hold both terms): a feature tap pair; ``adapter: "auto"`` (default) adds a
 1x1 conv (C_S -> C_T, no bias, sized from the loss context) only when the channel counts differ, as
@@ -27,8 +27,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from c2vkd.losses.adapters import (check_logits_at, check_same_shape, feature_taps, logits_pair, logits_taps,
-                                   make_adapter, no_autocast, tap_shapes)
+from c2vkd.losses._common import (check_logits_at, check_same_shape, feature_taps, logits_pair, logits_taps,
+                                  no_autocast, tap_shapes)
+from c2vkd.losses.adapters import make_adapter
 from c2vkd.losses.base import LOSSES, DistillLoss, LossContext, LossInputs
 
 REDUCTIONS = ("reference", "mean")

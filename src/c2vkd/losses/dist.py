@@ -18,7 +18,7 @@ Pearson(a, b) = <a - mean a, b - mean b> / (||a - mean a|| * ||b - mean b|| + 1e
 code. Our addition: pixels labelled ``ignore_index`` are excluded from both relations (the intra-class
 means and sums run over valid pixels only); with no valid pixel the loss is 0 with a gradient path.
 Defaults: beta = gamma = tau = 1 (the segmentation reference's values), weight 1.0. ``at``: ``"stride"``
-(the reference's resolution, ``logits`` taps, see :func:`~c2vkd.losses.adapters.logits_pair`) or
+(the reference's resolution, ``logits`` taps, see :func:`~c2vkd.losses._common.logits_pair`) or
 ``"input"`` (module default, unchanged behaviour; the preset uses the stride and ``mask_ignore: false``).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from c2vkd.losses.adapters import check_logits_at, check_same_shape, logits_pair, logits_taps, no_autocast
+from c2vkd.losses._common import check_logits_at, check_same_shape, logits_pair, logits_taps, no_autocast
 from c2vkd.losses.base import LOSSES, DistillLoss, LossContext, LossInputs, masked_mean
 
 _EPS = 1e-8

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from c2vkd.losses.adapters import check_same_shape, no_autocast
+from c2vkd.losses._common import check_same_shape, no_autocast
 from c2vkd.losses.base import LOSSES, DistillLoss, LossContext, LossInputs, masked_mean
 
 TARGET_SOURCES = ("gt", "teacher")

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from c2vkd.losses.adapters import AdaptedFeatureLoss, check_same_shape, no_autocast
+from c2vkd.losses._common import check_same_shape, no_autocast
+from c2vkd.losses.adapters import AdaptedFeatureLoss
 from c2vkd.losses.base import LOSSES, LossContext, LossInputs
 
 

@@ -29,7 +29,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from c2vkd.losses.adapters import AdaptedFeatureLoss, labels_to, no_autocast
+from c2vkd.losses._common import labels_to, no_autocast
+from c2vkd.losses.adapters import AdaptedFeatureLoss
 from c2vkd.losses.base import LOSSES, LossContext, LossInputs, masked_mean
 
 

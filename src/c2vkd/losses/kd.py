@@ -11,7 +11,7 @@ Reference code: winycg/CIRKD ``losses/kd.py`` ``CriterionKD.forward``: ``F.kl_di
 softmax(z_T/T), reduction="batchmean") * T^2`` over the [B*h*w, K] rows, i.e. the mean over *all* pixels,
 on ``outputs[0]``, the logits at the model's output stride (before the final upsample).
 ``at``: ``"stride"`` (the reference's resolution; the ``logits`` taps, see
-:func:`~c2vkd.losses.adapters.logits_pair` for strides that differ) or ``"input"`` (the module default, the
+:func:`~c2vkd.losses._common.logits_pair` for strides that differ) or ``"input"`` (the module default, the
 upsampled outputs, kept so that a bare ``{name: kd}`` means what it meant before; the preset
 ``methods/kd.yaml`` sets ``at: stride``).
 Our addition: pixels labelled ``ignore_index`` are excluded (module option ``mask_ignore``, default
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from c2vkd.losses.adapters import check_logits_at, check_same_shape, logits_pair, logits_taps, no_autocast
+from c2vkd.losses._common import check_logits_at, check_same_shape, logits_pair, logits_taps, no_autocast
 from c2vkd.losses.base import LOSSES, DistillLoss, LossContext, LossInputs, masked_mean
 
 

@@ -37,7 +37,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from c2vkd.losses.adapters import AdaptedFeatureLoss, no_autocast
+from c2vkd.losses._common import no_autocast
+from c2vkd.losses.adapters import AdaptedFeatureLoss
 from c2vkd.losses.base import LOSSES, LossContext, LossInputs
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from c2vkd.losses.base import LOSSES, DistillLoss, LossContext, LossInputs
-from c2vkd.losses.clip_pool import ARCH_SPECS, AttentionPool2d, load_clip_attnpool
+from c2vkd.models.clip_pool import ARCH_SPECS, AttentionPool2d, load_clip_attnpool
 from c2vkd.registry import suggest
 
 logger = logging.getLogger("c2vkd")
