@@ -250,11 +250,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _hw(text: str) -> tuple[int, int]:
+    from c2vkd.utils.sizes import parse_hw
+
     try:
-        h, w = (int(v) for v in text.lower().split("x"))
+        return parse_hw(text)
     except ValueError:
         raise SystemExit(f"--input must look like 512x512, got {text!r}") from None
-    return h, w
 
 
 def _command_line(args: argparse.Namespace) -> str:

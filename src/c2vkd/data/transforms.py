@@ -22,27 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from c2vkd import IGNORE_INDEX
+from c2vkd.utils.sizes import checked_hw
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_MODES = ("whole", "resize", "center_crop")
 
 Size = tuple[int, int]
-
-
-def as_size(size: int | Sequence[int], what: str = "size") -> Size:
-    """``512`` -> (512, 512); ``[h, w]`` -> (h, w). Validates positivity."""
-    if isinstance(size, bool):
-        raise ValueError(f"{what} must be an int or [H, W], got {size!r}")
-    if isinstance(size, int):
-        size = (size, size)
-    try:
-        h, w = (int(v) for v in size)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be an int or [H, W], got {size!r}") from None
-    if h <= 0 or w <= 0:
-        raise ValueError(f"{what} must be positive, got {size!r}")
-    return h, w
 
 
 def _uniform(generator: torch.Generator | None, lo: float, hi: float) -> float:
@@ -220,7 +206,7 @@ class TrainTransform:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
-        self.crop_size = as_size(crop_size, "crop_size") if crop_size is not None else None
+        self.crop_size = checked_hw(crop_size, "crop_size") if crop_size is not None else None
         if scale_range is not None:
             if len(scale_range) != 2 or not 0 < float(scale_range[0]) <= float(scale_range[1]):
                 raise ValueError(f"scale_range must be [lo, hi] with 0 < lo <= hi, got {scale_range!r}")
@@ -281,7 +267,7 @@ class EvalTransform:
         if mode != "whole" and size is None:
             raise ValueError(f"eval_transform.mode {mode!r} needs eval_transform.size [H, W]")
         self.mode = mode
-        self.size = as_size(size, "eval_transform.size") if size is not None else None
+        self.size = checked_hw(size, "eval_transform.size") if size is not None else None
         self.mean, self.std = _check_stats(mean, std)
 
     def __call__(

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from c2vkd import IGNORE_INDEX
 from c2vkd.eval.metrics import ConfusionMatrix, SegMetrics
 from c2vkd.utils.device import autocast_ctx
+from c2vkd.utils.sizes import checked_hw
 
 __all__ = [
     "predict_logits",
@@ -56,17 +57,6 @@ MODES = ("whole", "slide", "center_crop")
 
 
 # ----------------------------------------------------------------------------------------- helpers
-
-
-def _pair(v: int | Sequence[int] | None, name: str) -> tuple[int, int] | None:
-    if v is None:
-        return None
-    if isinstance(v, int):
-        v = (v, v)
-    v = tuple(int(x) for x in v)
-    if len(v) != 2 or min(v) < 1:
-        raise ValueError(f"{name} must be a positive int or (h, w) pair, got {v}")
-    return v  # type: ignore[return-value]
 
 
 def _extract_logits(out: Any) -> Tensor:
@@ -144,8 +134,7 @@ def crop_labels_like(labels: Tensor, image_size: tuple[int, int], window: int | 
     image) the window is mapped to label coordinates by the ratio ``Hl / H`` (rounded) and centred the
     same way, and logits must then be resized to the cropped label size (``out_size``).
     """
-    win = _pair(window, "window")
-    assert win is not None
+    win = checked_hw(window, "window")
     hl, wl = labels.shape[-2:]
     h, w = image_size
     if (hl, wl) != (h, w):
@@ -244,8 +233,8 @@ def predict_logits(
         raise ValueError(f"scales must be a non-empty sequence of positive floats, got {scales}")
     if window_batch < 1:
         raise ValueError("window_batch must be >= 1")
-    win = _pair(window, "window")
-    strd = _pair(stride, "stride")
+    win = None if window is None else checked_hw(window, "window")
+    strd = None if stride is None else checked_hw(stride, "stride")
     if mode in ("slide", "center_crop") and win is None:
         raise ValueError(f"mode={mode!r} needs window=(h, w)")
     if mode == "slide" and strd is None:

@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from c2vkd.registry import suggest
+from c2vkd.utils.sizes import as_hw
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -196,13 +197,6 @@ class _EvalNoGrad:
             m.training = mode
 
 
-def _hw(input_hw: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(input_hw, int):
-        return input_hw, input_hw
-    h, w = input_hw
-    return int(h), int(w)
-
-
 def probe_shapes(model: nn.Module, names: Iterable[str], input_hw: int | Sequence[int] = (512, 512),
                  batch: int = 2) -> dict[str, tuple[int, ...]]:
     """Shapes of the named taps for a dummy ``[batch, 3, H, W]`` input (used to size alignment heads).
@@ -213,7 +207,7 @@ def probe_shapes(model: nn.Module, names: Iterable[str], input_hw: int | Sequenc
     names = list(names)
     target = unwrap_model(model)
     device, dtype = _model_device_dtype(target)
-    h, w = _hw(input_hw)
+    h, w = as_hw(input_hw)
     with FeatureTaps(target, names) as taps, _EvalNoGrad(target):
         target(torch.zeros(batch, 3, h, w, device=device, dtype=dtype))
         feats = taps.pop()
@@ -229,7 +223,7 @@ def list_taps(model: nn.Module, input_hw: int | Sequence[int] = (512, 512), devi
     The model is moved to ``device`` for the call and moved back.
     """
     target = unwrap_model(model)
-    h, w = _hw(input_hw)
+    h, w = as_hw(input_hw)
     old_device, dtype = _model_device_dtype(target)
     device = torch.device(device)
     aliases: dict[str, list[str]] = {}

@@ -72,6 +72,7 @@ import torch
 from torch import nn
 
 from c2vkd.utils.io import CheckpointError, sha256_file
+from c2vkd.utils.sizes import as_hw
 
 log = logging.getLogger("c2vkd")
 
@@ -150,7 +151,7 @@ def run_eval_size(cfg: dict[str, Any]) -> tuple[int, int]:
     d = resolve_data_cfg(cfg["data"])
     size = d["eval_transform"]["size"]
     if size is not None:
-        return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        return as_hw(size)
     e = cfg["eval"]
     tried: list[str] = []
     for split in dict.fromkeys(s for s in (e.get("final_split"), e.get("split"), "train") if s):
@@ -406,7 +407,7 @@ def _generic_folder(model: nn.Module, name: str, classes: list[str], kwargs: dic
     """timm-style folder for a non-SegFormer student; returns (max |diff|, how verified, how to load it)."""
     from safetensors.torch import load_file, save_file
 
-    from c2vkd.engine.weights import save_student
+    from c2vkd.engine.weights import fit_state_dict, save_student
     from c2vkd.models import build_model
 
     k = len(classes)
@@ -434,10 +435,8 @@ def _generic_folder(model: nn.Module, name: str, classes: list[str], kwargs: dic
         (enc_dir / "config.json").write_text(json.dumps({"architecture": arch, "num_classes": 0, "pretrained_cfg": {
             "architecture": arch, "mean": list(mean), "std": list(std), "num_classes": 0}}, indent=1))
         timm_enc = timm.create_model(arch, pretrained=False, num_classes=0).eval()
-        missing, unexpected = timm_enc.load_state_dict(load_file(str(enc_dir / "model.safetensors")), strict=False)
-        if missing or unexpected:
-            raise ExportError(f"hf export: the encoder weights do not load into timm's {arch}: missing "
-                              f"{list(missing)[:10]}, unexpected {list(unexpected)[:10]}")
+        fit_state_dict(timm_enc, load_file(str(enc_dir / "model.safetensors")),
+                       what="hf export: the encoder weights", arch=f"timm's {arch}", error=ExportError)
         # same features as the student's encoder, at timm's own input size for the architecture
         x = torch.randn(1, *timm_enc.pretrained_cfg.get("input_size", (3, 224, 224)),
                         generator=torch.Generator().manual_seed(1))
