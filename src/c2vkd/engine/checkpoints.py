@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from c2vkd.utils.io import CheckpointError, atomic_save, safe_load, unreadable_message, verify
 
@@ -82,3 +83,26 @@ def load_training_checkpoint(path: Path, *, model: str, num_classes: int) -> dic
         raise CheckpointError(f"{path} holds {meta['model']} with {meta['num_classes']} classes, but this run "
                               f"trains {model} with {num_classes} classes")
     return state
+
+
+def resume_path(spec: str, ckpt_dir: Path, run_id: str | None) -> Path | None:
+    """The checkpoint ``--resume SPEC`` names: ``auto`` = the newest valid one written by this directory's run
+    (``run_id``; a directory without one, from before run ids, accepts any), None when there is none (start from
+    scratch); anything else is a path."""
+    if spec != "auto":
+        return Path(spec)
+    path = latest_valid(ckpt_dir, run_id=run_id)
+    if path is None:
+        log.info("--resume auto: no valid checkpoint in %s, starting from scratch", ckpt_dir)
+    return path
+
+
+def restore_training_state(state: dict[str, Any], *, student: nn.Module, loss_heads: nn.Module,
+                           optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler) -> None:
+    """Load a training checkpoint's student, loss heads (alignment heads, memory banks), optimizer, scheduler
+    and scaler states into the live objects (RNG: :func:`c2vkd.engine.runtime.restore_rng`)."""
+    student.load_state_dict(state["student"])
+    loss_heads.load_state_dict(state["loss_heads"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from c2vkd.utils import dist
+
 log = logging.getLogger("c2vkd")
 
 
@@ -76,3 +78,36 @@ def handle_non_finite(terms: dict[str, torch.Tensor], sample: dict[str, Any], *,
         msg += f"; debug dump {dump}"
     raise NonFiniteLossError(msg + ". Lower optim.lr, enable train.grad_clip, use amp bf16 instead of fp16, "
                              "or set train.nan_policy=skip")
+
+
+class StopSignals:
+    """SIGTERM / SIGINT while training: ``install()`` records the signal instead of dying (the previous
+    handlers come back with ``restore()``), the loop asks :meth:`agreed` after each step and stops with a
+    checkpoint (:class:`TrainingInterrupted`)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> None:
+        def handler(signum, frame):  # noqa: ARG001
+            self.signum = signum
+        self._old = {}
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[s] = signal.signal(s, handler)
+            except ValueError:  # not in the main thread
+                pass
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+
+    def agreed(self, *, world: int, device: torch.device) -> int:
+        """Signal number if any rank received SIGTERM/SIGINT (all ranks agree, so they stop together), else 0."""
+        sig = int(self.signum or 0)
+        if world > 1:
+            t = torch.tensor([sig], dtype=torch.int64, device=device)
+            sig = int(dist.all_reduce_(t, "max").item())
+        return sig

@@ -16,7 +16,8 @@ from c2vkd.utils.device import autocast_ctx, pick_device
 
 log = logging.getLogger("c2vkd")
 
-__all__ = ["autocast_ctx", "pick_device", "rng_state", "seed_everything", "set_rng_state", "sync_batchnorm"]
+__all__ = ["autocast_ctx", "pick_device", "restore_rng", "rng_state", "seed_everything", "set_rng_state",
+           "sync_batchnorm"]
 
 
 def seed_everything(seed: int) -> None:
@@ -44,6 +45,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restore_rng(state: dict[str, Any], *, rank: int, world: int, seed: int) -> None:
+    """The RNG states of a training checkpoint: this rank's own when it was saved at the same world size
+    (``rng_ranks``), else rank 0's saved stream, and on the other ranks a distinct, deterministic stream."""
+    rank_rngs = state.get("rng_ranks")
+    if rank_rngs is not None and len(rank_rngs) == world:
+        set_rng_state(rank_rngs[rank])
+    else:
+        set_rng_state(state["rng"])
+        if rank:  # saved with another world size: distinct, deterministic per-rank streams
+            torch.manual_seed(seed + rank + 1000003 * int(state["iteration"]))
 
 
 def _to_tuple(x: Any) -> Any:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -30,15 +29,14 @@ from c2vkd.engine import checkpoints
 from c2vkd.engine.grad_probe import GradientProbe
 from c2vkd.engine.distiller import Distiller
 from c2vkd.engine.evaluation import evaluate_split
-from c2vkd.engine.failures import (NonFiniteLossError, TrainingInterrupted, TrainingOutOfMemoryError,
+from c2vkd.engine.failures import (NonFiniteLossError, StopSignals, TrainingInterrupted, TrainingOutOfMemoryError,
                                    handle_non_finite, oom_message)
 from c2vkd.engine.loss_config import needs_teacher, validate_loss_args
 from c2vkd.engine.optim import build_optimizer, build_scheduler, distiller_param_groups, group_eps
 from c2vkd.engine.run_dir import new_run_id, read_run_id, refuse_used, truncate_metrics, write_run_id
 from c2vkd.engine.run_log import RunLog
 from c2vkd.engine.teacher_cache.store import CachedTeacherDataset, open_for_config
-from c2vkd.engine.runtime import (autocast_ctx, pick_device, rng_state, seed_everything, set_rng_state,
-                                  sync_batchnorm)
+from c2vkd.engine.runtime import autocast_ctx, pick_device, restore_rng, rng_state, seed_everything, sync_batchnorm
 from c2vkd.engine.weights import build_from_config, save_student
 from c2vkd.eval.metrics import format_table
 from c2vkd.utils import dist
@@ -115,7 +113,7 @@ class Trainer:
         self.iteration = 0
         self.best_miou = -1.0
         self.history: list[dict[str, Any]] = []
-        self._stop_signal: int | None = None
+        self.stop_signals = StopSignals()  # SIGTERM / SIGINT -> checkpoint and stop (engine/failures.py)
         self.run_id: str | None = None  # engine/run_dir.py: stored in run.json, checkpoints, metrics lines
         self.resumed = bool(resume)
         if resume:
@@ -172,22 +170,14 @@ class Trainer:
         return path
 
     def _resume(self, spec: str) -> None:
-        if spec == "auto":
-            # only this directory's run (run.json); a directory without one (older runs) accepts any checkpoint
-            path = checkpoints.latest_valid(self._ckpt_dir(), run_id=read_run_id(self.run_dir))
-            if path is None:
-                log.info("--resume auto: no valid checkpoint in %s, starting from scratch", self._ckpt_dir())
-                return
-        else:
-            path = Path(spec)
+        path = checkpoints.resume_path(spec, self._ckpt_dir(), read_run_id(self.run_dir))
+        if path is None:
+            return
         state = checkpoints.load_training_checkpoint(path, model=self.cfg["student"]["name"],
                                                      num_classes=self.num_classes)
         self.run_id = state.get("run_id") or read_run_id(self.run_dir)  # the resumed run keeps its id
-        self.student.load_state_dict(state["student"])
-        self.model.losses.load_state_dict(state["loss_heads"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        checkpoints.restore_training_state(state, student=self.student, loss_heads=self.model.losses,
+                                           optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler)
         if self.balancer is not None:
             if state.get("balance"):
                 self.balancer.load_state_dict(state["balance"])
@@ -195,29 +185,12 @@ class Trainer:
             else:
                 log.warning("resuming %s without balancing state (saved by a run without `balance`): the balancer "
                             "starts from the configured weights", path)
-        rank_rngs = state.get("rng_ranks")
-        if rank_rngs is not None and len(rank_rngs) == self.world:
-            set_rng_state(rank_rngs[self.rank])
-        else:
-            set_rng_state(state["rng"])
-            if self.rank:  # saved with another world size: distinct, deterministic per-rank streams
-                torch.manual_seed(self.cfg["experiment"]["seed"] + self.rank + 1000003 * int(state["iteration"]))
+        restore_rng(state, rank=self.rank, world=self.world, seed=self.cfg["experiment"]["seed"])
         self.iteration = int(state["iteration"])
         self.best_miou = float(state["best_miou"])
         log.info("resumed from %s at iteration %d", path, self.iteration)
 
     # ---------------------------------------------------------------------------------------- loop
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        def handler(signum, frame):  # noqa: ARG001
-            self._stop_signal = signum
-        old = {}
-        for s in (signal.SIGTERM, signal.SIGINT):
-            try:
-                old[s] = signal.signal(s, handler)
-            except ValueError:  # not in the main thread
-                pass
-        return old
-
     def fit(self, *, max_steps: int | None = None, finalize: bool = True) -> RunResult:
         """Train to ``schedule.iters`` (or for at most ``max_steps`` more steps); with ``finalize`` (the
         default) save the final checkpoint, validate, evaluate ``eval.final_split`` and export the student.
@@ -240,7 +213,7 @@ class Trainer:
         run_log = RunLog(self.run_dir, main=self.main, device=self.device, run_id=self.run_id,
                          total=self.total_iters, start=self.iteration,
                          purge_step=self.iteration + 1 if self.resumed else None)
-        old_handlers = self._install_signal_handlers()
+        self.stop_signals.install()
         if tr["progress"]:
             run_log.open_bar(self.total_iters, self.iteration)
         data_iter = iter(loader)
@@ -260,7 +233,7 @@ class Trainer:
                 self.iteration += 1
                 run_log.step()
                 if self.iteration % int(tr["log_interval"]) == 0 or self.iteration == self.total_iters:
-                    terms_acc = self._reduce_terms(terms_acc)  # mean over ranks: the global-batch value
+                    terms_acc = dist.mean_over_ranks(terms_acc, device=self.device)  # the global-batch value
                     now = time.perf_counter()
                     rec = {"iter": self.iteration, "lr": lr_used,
                            "loss": sum(v for k, v in terms_acc.items() if k.endswith("/w")),
@@ -279,7 +252,7 @@ class Trainer:
                     self._validate(run_log)
                 if ckpt_every and self.iteration % ckpt_every == 0 and self.iteration < self.total_iters:
                     self.save_checkpoint()
-                signum = self._stop_requested()
+                signum = self.stop_signals.agreed(world=self.world, device=self.device)
                 if signum:
                     log.warning("received signal %d: saving a checkpoint at iteration %d and stopping",
                                 signum, self.iteration)
@@ -290,8 +263,7 @@ class Trainer:
             raise
         finally:
             run_log.close_bar()
-            for s, h in old_handlers.items():
-                signal.signal(s, h)
+            self.stop_signals.restore()
         if not finalize:
             run_log.close()
             setup_logging(None, main_process=self.main)
@@ -391,24 +363,6 @@ class Trainer:
     def optimizer_eps(self) -> float | None:
         """AdamW eps applied to the alignment heads (None for SGD)."""
         return group_eps(self.optimizer, "align")
-
-    def _reduce_terms(self, terms: dict[str, float]) -> dict[str, float]:
-        """Average logged terms over ranks (each rank's terms are means over its share of the batch)."""
-        if self.world == 1 or not terms:
-            return terms
-        keys = sorted(terms)
-        t = torch.tensor([terms[k] for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce_(t, "sum")
-        vals = (t / self.world).tolist()
-        return {k: vals[keys.index(k)] for k in terms}  # keep the losses' term order
-
-    def _stop_requested(self) -> int:
-        """Signal number if any rank received SIGTERM/SIGINT (all ranks agree, so they stop together), else 0."""
-        sig = int(self._stop_signal or 0)
-        if self.world > 1:
-            t = torch.tensor([sig], dtype=torch.int64, device=self.device)
-            sig = int(dist.all_reduce_(t, "max").item())
-        return sig
 
     def _oom_message(self, err: BaseException, per_rank: int, accum: int) -> str:
         return oom_message(err, self.cfg, self.device, self.iteration, per_rank, accum)

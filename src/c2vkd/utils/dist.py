@@ -82,3 +82,16 @@ def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
     out = [torch.zeros_like(padded) for _ in counts]
     torch.distributed.all_gather(out, padded.contiguous())
     return torch.cat([o[:c] for o, c in zip(out, counts)])
+
+
+def mean_over_ranks(values: dict[str, float], *, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Average named scalars over ranks (float64, one all-reduce), keeping the dict's order; unchanged with a
+    single process."""
+    world = world_size()
+    if world == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    all_reduce_(t, "sum")
+    vals = (t / world).tolist()
+    return {k: vals[keys.index(k)] for k in values}
