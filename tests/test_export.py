@@ -86,10 +86,10 @@ def test_export_specific_checkpoint_and_default_out_dir(kd_run: Path) -> None:
 
 
 def test_verification_failure_is_an_error(kd_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import c2vkd.runners.export as ex
+    import c2vkd.runners.export.traced as ex
 
-    real = ex._run_torchscript
-    monkeypatch.setattr(ex, "_run_torchscript", lambda path, x: real(path, x) + 1e-3)
+    real = ex.run_torchscript
+    monkeypatch.setattr(ex, "run_torchscript", lambda path, x: real(path, x) + 1e-3)
     with pytest.raises(ExportError, match=r"torchscript export of toy_vit does not reproduce.*0\.001 > 0\.0001"):
         export_run(kd_run, formats=["torchscript"], input_hw=(32, 32), out_dir=tmp_path)
     assert not (tmp_path / "student.torchscript.pt").exists()  # a file that failed is not left behind

@@ -92,10 +92,10 @@ def test_hf_export_loads_offline_and_matches_student_logits(sample_run: Path, tm
 
 def test_hf_export_that_does_not_reproduce_is_refused(sample_run: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import c2vkd.runners.export as ex
+    import c2vkd.runners.export.hf as ex
 
-    real = ex._decode_head_logits
-    monkeypatch.setattr(ex, "_decode_head_logits", lambda m, x: tuple(t + 1e-3 for t in real(m, x)))
+    real = ex.decode_head_logits
+    monkeypatch.setattr(ex, "decode_head_logits", lambda m, x: tuple(t + 1e-3 for t in real(m, x)))
     with pytest.raises(ExportError, match=r"hf export of segformer_b0 does not reproduce.*0\.001 > 0\.0001"):
         export_run(sample_run, formats=["hf"], out_dir=tmp_path)
     assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.tmp").exists()
