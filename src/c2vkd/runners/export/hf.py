@@ -213,8 +213,8 @@ def _generic_folder(model: nn.Module, name: str, classes: list[str], kwargs: dic
 
 
 def write_hf(model: nn.Module, name: str, meta: dict[str, Any], cfg: dict[str, Any], folder: Path, *,
-              run_dir: Path, ckpt: Path, eval_hw: tuple[int, int], check_x: torch.Tensor,
-              command: str | None) -> tuple[float, str]:
+             run_dir: Path, ckpt: Path, eval_hw: tuple[int, int], check_x: torch.Tensor,
+             command: str | None) -> tuple[float, str]:
     """The ``hf`` format: a folder written next to its final place and renamed in when verified."""
     from c2vkd.models.segformer import SegFormer
 

@@ -178,7 +178,7 @@ def export_run(run_dir: str | Path, *, checkpoint: str | Path | None = None,
             got, how = None, ""
             try:
                 diff_hf, how = hf.write_hf(model, name, meta, cfg, path, run_dir=Path(run_dir), ckpt=ckpt,
-                                         eval_hw=eval_hw, check_x=check_x, command=command)
+                                           eval_hw=eval_hw, check_x=check_x, command=command)
             except ExportError:
                 raise
             except Exception as e:
@@ -202,9 +202,9 @@ def export_run(run_dir: str | Path, *, checkpoint: str | Path | None = None,
                     got, how = traced.run_torchscript(path, check_x), "torch.jit.load"
                 else:
                     onnx_model = model if dynamic else traced_model  # no fixed-size specialisation when dynamic
-                    traced.write_onnx(onnx_model, trace_x, path, {"c2vkd_model": name, "num_classes": k, "classes": classes,
-                                                            "input_hw": [h, w], "dynamic": dynamic}, opset,
-                                dynamic=dynamic)
+                    onnx_meta = {"c2vkd_model": name, "num_classes": k, "classes": classes, "input_hw": [h, w],
+                                 "dynamic": dynamic}
+                    traced.write_onnx(onnx_model, trace_x, path, onnx_meta, opset, dynamic=dynamic)
                     got, how = traced.run_onnx(path, check_x)
                     if dynamic:  # a second size and batch 2: shapes must not have been frozen by the trace
                         h2, w2 = _other_size(h, w)

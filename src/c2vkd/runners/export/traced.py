@@ -64,7 +64,7 @@ DYNAMIC_AXES = {"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "b
 
 
 def write_onnx(model: nn.Module, example: torch.Tensor, path: Path, meta: dict[str, Any], opset: int,
-                dynamic: bool = False) -> None:
+               dynamic: bool = False) -> None:
     import onnx
 
     def write(tmp: Path) -> None:

@@ -1,0 +1,206 @@
+"""The summary of a comparison: the table (per-method mean / std mIoU, gain over ``none``, paired differences,
+the C2VKD gain ratio; the statistics are in ``results.py``), its markdown and the plots. ``compare.py`` runs
+the variants and calls these."""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from c2vkd.runners.results import bootstrap_ratio_ci, is_c2vkd, paired_difference
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def summarize(results: dict[str, dict[int, dict[str, Any]]], class_names: list[str],
+              teacher: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Per-method mean/std mIoU, gain over ``none`` (mean and paired, with a 95% interval) and the C2VKD gain
+    ratio (method.md section 5) with its bootstrap interval over seeds."""
+    methods: dict[str, Any] = {}
+    for m, per_seed in results.items():
+        mious = [r["miou"] for r in per_seed.values() if r.get("miou") is not None]
+        if not mious:
+            continue
+        mean, std = _mean_std(mious)
+        ious = [r["iou"] for r in per_seed.values() if r.get("iou")]
+        per_class = [statistics.fmean([v for v in col if v is not None]) if any(v is not None for v in col) else None
+                     for col in zip(*ious)] if ious else []
+        methods[m] = {"miou_mean": mean, "miou_std": std, "miou_per_seed": {str(s): r["miou"] for s, r in per_seed.items()},
+                      "seeds": len(mious), "per_class_iou": per_class,
+                      "wall_s_mean": statistics.fmean([r["wall_s"] for r in per_seed.values()])}
+    base = methods.get("none")
+    summary: dict[str, Any] = {"methods": methods, "class_names": class_names, "teacher": teacher}
+    if base is None:
+        summary["note"] = "no 'none' (student without KD) variant: gains are not defined"
+        return summary
+    per_seed = {m: {int(s): r["miou"] for s, r in res.items() if r.get("miou") is not None}
+                for m, res in results.items()}
+    for m, rec in methods.items():
+        rec["gain"] = rec["miou_mean"] - base["miou_mean"]
+        rec["paired_vs_none"] = paired_difference(per_seed[m], per_seed["none"]) if m != "none" else None
+    priors = {m: r for m, r in methods.items() if m != "none" and not is_c2vkd(m)}
+    ratios: dict[str, Any] = {}
+    if priors:
+        best = max(priors, key=lambda m: priors[m]["miou_mean"])
+        best_gain = priors[best]["gain"]
+        summary["best_prior"] = best
+        for m, rec in methods.items():
+            if not is_c2vkd(m):
+                continue
+            if best_gain > 0:
+                ratios[m] = rec["gain"] / best_gain
+            else:
+                # A ratio over a non-positive denominator is meaningless; report it as undefined.
+                ratios[m] = None
+        summary["gain_ratio"] = ratios
+        common = sorted(set.intersection(*[set(v) for v in per_seed.values() if v]))
+        summary["gain_ratio_ci"] = {m: bootstrap_ratio_ci(per_seed, m, common) for m in ratios}
+        summary["ratio_seeds"] = common
+        summary["claim"] = ("(mIoU_c2vkd - mIoU_none) / (mIoU_best_prior - mIoU_none) > 2 "
+                            "(method.md section 5); undefined (null) when the best prior KD gain is <= 0")
+    return summary
+
+
+def format_markdown(summary: dict[str, Any], *, title: str, command: str | None = None) -> str:
+    lines = [f"# {title}", ""]
+    if command:
+        lines += ["```", command, "```", ""]
+    t = summary.get("teacher")
+    if t:
+        lines += [f"Teacher ({t['name']}, evaluated, not trained by this compare): "
+                  f"mIoU {100 * t['miou']:.2f} on {t['split']}", ""]
+    lines += ["| method | mIoU mean | std | seeds | gain vs none | paired diff vs none [95% CI] | per-seed | "
+              "wall time / run |",
+              "|---|---:|---:|---:|---:|---|---|---:|"]
+    for m, r in summary["methods"].items():
+        gain = r.get("gain")
+        per_seed = ", ".join(f"{100 * v:.2f}" for v in r["miou_per_seed"].values())
+        pd = r.get("paired_vs_none")
+        if not pd:
+            paired = ""
+        elif pd["ci95"] is None:
+            paired = f"{100 * pd['mean']:+.2f} (1 seed)"
+        else:
+            lo, hi = pd["ci95"]
+            noise = " (noise)" if lo <= 0 <= hi else ""
+            paired = f"{100 * pd['mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]{noise}"
+        lines.append(f"| {m} | {100 * r['miou_mean']:.2f} | {100 * r['miou_std']:.2f} | {r['seeds']} | "
+                     f"{'' if gain is None else f'{100 * gain:+.2f}'} | {paired} | {per_seed} | "
+                     f"{r['wall_s_mean']:.0f} s |")
+    lines.append("")
+    if "best_prior" in summary:
+        lines.append(f"Best prior KD method: **{summary['best_prior']}** "
+                     f"(gain {100 * summary['methods'][summary['best_prior']]['gain']:+.2f} mIoU).")
+        for m, ratio in summary.get("gain_ratio", {}).items():
+            txt = "undefined (best prior gain <= 0)" if ratio is None else f"{ratio:.2f}"
+            verdict = "" if ratio is None else (" (> 2: claim holds here)" if ratio > 2 else " (<= 2: claim not met here)")
+            ci = (summary.get("gain_ratio_ci") or {}).get(m)
+            ci_txt = ""
+            if ci and ci.get("ci95"):
+                ci_txt = (f"; 95% bootstrap CI over seeds [{ci['ci95'][0]:.2f}, {ci['ci95'][1]:.2f}]"
+                          + (f", undefined in {100 * ci['undefined_fraction']:.0f}% of resamples"
+                             if ci["undefined_fraction"] else ""))
+            lines.append(f"Gain ratio {m} / best prior: {txt}{verdict}{ci_txt}.")
+        lines.append("")
+    elif "note" in summary:
+        lines += [summary["note"], ""]
+    names = summary["class_names"]
+    methods = list(summary["methods"])
+    if names and methods:
+        lines += ["Per-class IoU (mean over seeds):", "",
+                  "| class | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+        for i, c in enumerate(names):
+            cells = []
+            for m in methods:
+                pc = summary["methods"][m]["per_class_iou"]
+                v = pc[i] if i < len(pc) else None
+                cells.append("-" if v is None else f"{100 * v:.1f}")
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _read_curve(run_dir: Path) -> tuple[list[int], list[float]]:
+    its, losses = [], []
+    f = run_dir / "metrics.jsonl"
+    if not f.is_file():
+        return its, losses
+    for line in f.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by an interruption
+        if "loss" in rec and "iter" in rec:
+            its.append(int(rec["iter"]))
+            losses.append(float(rec["loss"]))
+    return its, losses
+
+
+def plot_compare(summary: dict[str, Any], run_dirs: dict[str, list[Path]], out_dir: Path, *,
+                 records: dict[str, dict[int, dict[str, Any]]] | None = None) -> list[Path]:
+    """per_class_iou.png; training_curves.png (from the run dirs' metrics.jsonl); with ``records``,
+    val_curves.png (validation mIoU against iteration, mean over seeds: shows whether students plateau)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    written = []
+    names, methods = summary["class_names"], list(summary["methods"])
+    if names and methods:
+        fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(names) * max(1, len(methods)) / 3), 4.5))
+        width = 0.8 / len(methods)
+        x = np.arange(len(names))
+        for j, m in enumerate(methods):
+            pc = summary["methods"][m]["per_class_iou"]
+            vals = [100 * (v or 0.0) for v in pc] + [0.0] * (len(names) - len(pc))
+            ax.bar(x + (j - (len(methods) - 1) / 2) * width, vals, width, label=m)
+        ax.set_xticks(x, names, rotation=45, ha="right")
+        ax.set_ylabel("IoU (%)")
+        ax.set_title("Per-class IoU (mean over seeds)")
+        ax.legend(fontsize=8)
+        written.append(_save(fig, out_dir / "per_class_iou.png"))
+    if records:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for j, (m, per_seed) in enumerate(records.items()):
+            curves = [dict((int(i), v) for i, v in r.get("val_curve") or []) for r in per_seed.values()]
+            its = sorted(set.intersection(*[set(c) for c in curves])) if curves else []
+            if its:
+                ax.plot(its, [100 * statistics.fmean(c[i] for c in curves) for i in its], label=m,
+                        color=f"C{j % 10}", lw=1.2)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("val mIoU (%), mean over seeds")
+        ax.set_title("Validation curves")
+        ax.legend(fontsize=7, ncol=2)
+        written.append(_save(fig, out_dir / "val_curves.png"))
+    if not run_dirs:
+        return written
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m, dirs in run_dirs.items():
+        for k, d in enumerate(dirs):
+            its, losses = _read_curve(d)
+            if its:
+                ax.plot(its, losses, label=m if k == 0 else None, color=f"C{list(run_dirs).index(m) % 10}",
+                        alpha=0.8, lw=1)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("total weighted loss")
+    ax.set_yscale("log")
+    ax.set_title("Training curves (one line per seed)")
+    ax.legend(fontsize=8)
+    written.append(_save(fig, out_dir / "training_curves.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
