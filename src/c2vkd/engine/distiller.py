@@ -7,7 +7,7 @@ The teacher is held outside the module tree (not a submodule): it never appears 
 ``state_dict()`` or the optimizer, and DDP never sees it. It runs in eval mode under ``torch.no_grad()``.
 Feature taps are forward hooks (models.FeatureTaps); no model is edited to distil it.
 
-With a teacher cache (``teacher.cache``, engine/teacher_cache.py) there is no teacher at all: the batch carries
+With a teacher cache (``teacher.cache``, engine/teacher_cache/) there is no teacher at all: the batch carries
 the cached outputs of its views, which ``forward`` decodes in place of a teacher forward.
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ class Distiller(nn.Module):
         if teacher_cache is not None and not needs_teacher:
             log.warning("teacher.cache is set but no loss uses a teacher: it will not be read")
             teacher_cache = None
-        # TeacherCache (engine/teacher_cache.py) standing in for the teacher: decodes the batch's cached outputs
+        # TeacherCache (engine/teacher_cache/store.py) standing in for the teacher: decodes the batch's cached outputs
         self.__dict__["teacher_cache"] = teacher_cache
         # plain attribute, not a submodule: never trained, never saved, never wrapped by DDP
         self.__dict__["teacher"] = teacher
