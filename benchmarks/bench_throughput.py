@@ -1,5 +1,7 @@
 """Training throughput (images/s) of the engine: student only vs C2VKD with a live teacher vs C2VKD with the
-teacher cache, each with bf16 autocast off and on - same data, batch, crop, student and teacher, one process.
+teacher cache vs C2VKD with the live teacher in bf16 and channels-last (``teacher.amp=bf16``,
+``teacher.channels_last=true``), each with bf16 autocast off and on - same data, batch, crop, student and
+teacher, one process.
 
     python benchmarks/bench_throughput.py                                 # the record: 3 warm-up + 20 timed its
     python benchmarks/bench_throughput.py --warmup 1 --iters 5 --amp off  # quick check that it runs
@@ -107,8 +109,11 @@ def main(argv: list[str] | None = None) -> int:
                 ("a", amp, cfg("teacher.name=null", "losses=[{name: ce, weight: 1.0}]", f"train.amp={amp}")),
                 ("b", amp, cfg(*teacher, f"train.amp={amp}", method=True)),
                 ("c", amp, cfg(*teacher, f"teacher.cache={cache_dir}", f"train.amp={amp}", method=True)),
+                ("d", amp, cfg(*teacher, "teacher.amp=bf16", "teacher.channels_last=true", f"train.amp={amp}",
+                               method=True)),
             ]
-        labels = {"a": "student only (ce)", "b": "C2VKD, live teacher", "c": "C2VKD, teacher cache"}
+        labels = {"a": "student only (ce)", "b": "C2VKD, live teacher", "c": "C2VKD, teacher cache",
+                  "d": "C2VKD, live teacher in bf16 + channels-last"}
         runs = []
         for name, amp, c in variants:
             tr = Trainer(c, run_dir=work / f"{name}_{amp}")

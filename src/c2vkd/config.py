@@ -93,6 +93,10 @@ DEFAULTS: dict[str, Any] = {
         "allow_random_init": False,
         "kwargs": {},
         "channels_last": False,
+        # Precision of the live teacher's forward: null = as train.amp; off | bf16 | fp16 = that autocast for the
+        # teacher only (outputs cast back to the student's dtype). bf16 + channels_last make a live CNN teacher
+        # cheaper (benchmarks/bench_throughput.py); the teacher cache does not run the teacher at all.
+        "amp": None,
         # Folder written by `c2vkd cache-teacher`: when set, distillation reads the teacher's logits (and the
         # feature taps the losses need) from it instead of running the teacher. Needs data.augment_pool >= 1;
         # a cache made with another teacher / data / transform / pool is refused, a missing view is an error.

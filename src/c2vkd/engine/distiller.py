@@ -13,7 +13,8 @@ the cached outputs of its views, which ``forward`` decodes in place of a teacher
 from __future__ import annotations
 
 import logging
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -41,8 +42,12 @@ def loss_tap_names(loss_cfgs: list[dict[str, Any]]) -> tuple[list[str], list[str
 class Distiller(nn.Module):
     def __init__(self, student: nn.Module, loss_cfgs: list[dict[str, Any]], *, num_classes: int,
                  ignore_index: int, teacher: nn.Module | None = None,
-                 probe_hw: tuple[int, int] = (512, 512), teacher_cache: Any = None) -> None:
+                 probe_hw: tuple[int, int] = (512, 512), teacher_cache: Any = None,
+                 teacher_autocast: Callable[[], AbstractContextManager] | None = None) -> None:
+        """``teacher_autocast``: a factory of the context the live teacher's forward runs in (``teacher.amp``,
+        utils/device.teacher_autocast); None runs it in the caller's context, like the student."""
         super().__init__()
+        self.teacher_autocast = teacher_autocast
         self.student = student
         self.num_classes = num_classes
         needs_teacher = teacher_losses(loss_cfgs)
@@ -127,9 +132,18 @@ class Distiller(nn.Module):
         t_feats: dict[str, torch.Tensor] = {}
         if self.teacher is not None:
             with torch.no_grad():
-                t_logits = self.teacher(images)
-                if self.teacher_taps is not None:
-                    t_feats = self.teacher_taps.pop()
+                if self.teacher_autocast is None:
+                    t_logits = self.teacher(images)
+                    if self.teacher_taps is not None:
+                        t_feats = self.teacher_taps.pop()
+                else:  # teacher.amp: its own precision, outputs back in the student's dtype for the losses
+                    with self.teacher_autocast():
+                        t_logits = self.teacher(images)
+                    if self.teacher_taps is not None:
+                        t_feats = self.teacher_taps.pop()
+                    t_logits = t_logits.to(s_logits.dtype)
+                    t_feats = {k: v.to(s_logits.dtype) if torch.is_floating_point(v) else v
+                               for k, v in t_feats.items()}
         elif self.teacher_cache is not None:
             if cached_teacher is None:
                 raise RuntimeError("teacher.cache is set but the batch carries no cached teacher outputs "

@@ -40,6 +40,7 @@ from c2vkd.engine.runtime import autocast_ctx, pick_device, restore_rng, rng_sta
 from c2vkd.engine.weights import build_from_config, save_student
 from c2vkd.eval.metrics import format_table
 from c2vkd.utils import dist
+from c2vkd.utils.device import teacher_autocast
 from c2vkd.utils.logging import setup_logging
 
 log = logging.getLogger("c2vkd")
@@ -98,7 +99,8 @@ class Trainer:
         crop = tuple(d["train_transform"]["crop_size"])
         self.model = Distiller(self.student, cfg["losses"], num_classes=self.num_classes,
                                ignore_index=self.ignore_index, teacher=self.teacher,
-                               probe_hw=crop, teacher_cache=self.teacher_cache).to(self.device)
+                               probe_hw=crop, teacher_cache=self.teacher_cache,
+                               teacher_autocast=teacher_autocast(self.device, cfg["teacher"]["amp"])).to(self.device)
         self.optimizer = build_optimizer(distiller_param_groups(self.model, self.student, cfg["optim"]), cfg["optim"])
         # per-term gradient measurement and balancing (engine/grad_probe.py, engine/balance.py)
         self.probe = GradientProbe(self.student, [(e["name"], m) for e, m in zip(cfg["losses"], self.model.losses)],
