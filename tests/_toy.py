@@ -54,7 +54,6 @@ class ToySleep(DistillLoss):
     signal it there, without changing its numbers (the config stays identical to the fast runs)."""
 
     requires_teacher = False
-    registry_name = "toy_sleep"
 
     def __init__(self, ctx, weight: float = 1.0) -> None:
         super().__init__(ctx, weight)

@@ -30,7 +30,6 @@ from c2vkd.losses.base import LOSSES, DistillLoss
 
 class WeightProbe(DistillLoss):
     requires_teacher = False
-    registry_name = "weight_probe"
 
     def forward(self, inputs):
         out = os.environ.get("PROBE_DIR")

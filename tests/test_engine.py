@@ -135,7 +135,6 @@ def test_distill_loss_without_teacher_is_an_error(data_root: Path, tmp_path: Pat
 
 class _Exploding(DistillLoss):
     requires_teacher = False
-    registry_name = "test_explode"
 
     def __init__(self, ctx, weight: float = 1.0, at_call: int = 2) -> None:
         super().__init__(ctx, weight)

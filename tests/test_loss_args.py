@@ -142,3 +142,38 @@ def test_kd_module_uses_the_context_ignore_index():
     keep = inp.target != 4
     assert got.item() == pytest.approx(4 * float(kl[keep].mean()), rel=1e-5)
     assert abs(4 * float(kl[inp.target != 255].mean()) - got.item()) > 1e-3 * got.item()
+
+
+def test_the_registry_names_each_loss_and_its_term() -> None:
+    """The name is written once, in ``@LOSSES.register("name")``: the class gets it as ``registry_name`` and
+    logs its single term under it; a plugin registered without the attribute gets it too."""
+    from c2vkd.losses import DistillLoss
+    from c2vkd.registry import Registry
+
+    expected = {"adv", "at", "ce", "cirkd", "cwd", "dist", "dkd", "fitnet", "ifvd", "kd", "pdd", "skd", "vlfd"}
+    assert expected <= set(LOSSES.names())
+    for name in expected:
+        cls = LOSSES.get(name)
+        assert cls.registry_name == name and cls.term_name() == name, name
+        assert "registry_name" in vars(cls)  # set on the class itself, not inherited from a registered parent
+
+    reg: Registry[type[DistillLoss]] = Registry("loss", name_attr="registry_name")
+
+    @reg.register("my_term")
+    class MyPluginLoss(DistillLoss):
+        requires_teacher = False
+
+    class Subclass(MyPluginLoss):
+        pass
+
+    reg.add("my_sub", Subclass)
+    reg.add("my_alias", MyPluginLoss)  # a second name for the same class keeps the first
+    assert MyPluginLoss.term_name() == "my_term" and Subclass.term_name() == "my_sub"
+    ctx = LossContext(num_classes=3)
+    assert MyPluginLoss(ctx, weight=0.5).weights == {"my_term": 0.5}
+
+    class Unregistered(DistillLoss):
+        pass
+
+    assert Unregistered.term_name() == "unregistered"  # not registered: the lower-case class name, as before
+    assert not hasattr(Registry("model").register("f")(lambda: None), "registry_name")  # other registries: untouched

@@ -18,8 +18,14 @@ def suggest(name: str, choices: list[str] | tuple[str, ...] | set[str], n: int =
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str) -> None:
+    """``kind`` names the registry in messages. ``name_attr``: when set, registering an object also stores its
+    registry name on it under that attribute (unless the object defines the attribute itself, e.g. an alias
+    registered a second time), so the name is written once, in ``register("name")``: losses name their terms
+    after it (``DistillLoss.term_name``)."""
+
+    def __init__(self, kind: str, name_attr: str | None = None) -> None:
         self.kind = kind
+        self.name_attr = name_attr
         self._items: dict[str, T] = {}
 
     def register(self, name: str | None = None) -> Callable[[T], T]:
@@ -28,6 +34,8 @@ class Registry(Generic[T]):
             if key in self._items:
                 raise KeyError(f"{self.kind} {key!r} is already registered")
             self._items[key] = obj
+            if self.name_attr and self.name_attr not in vars(obj):
+                setattr(obj, self.name_attr, key)
             return obj
 
         return deco

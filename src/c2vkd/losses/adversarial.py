@@ -144,8 +144,6 @@ class AdversarialLoss(DistillLoss):
     ``d_optimizer`` ("adam" | "sgd"), ``d_lr`` (4e-4), ``d_betas`` ([0.9, 0.99], adam), ``d_momentum`` (0.9,
     sgd), ``d_weight_decay`` (0), ``conv_dim`` (64), ``at`` ("stride" | "input"), ``min_input`` (64)."""
 
-    registry_name = "adv"
-
     def __init__(self, ctx: LossContext, weight: float = 0.001, d_weight: float = 0.1, mode: str = "hinge",
                  gp_weight: float = 10.0, d_optimizer: str = "adam", d_lr: float = 4e-4,
                  d_betas: tuple[float, float] | list[float] = (0.9, 0.99), d_momentum: float = 0.9,

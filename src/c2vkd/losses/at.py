@@ -52,8 +52,6 @@ class ATLoss(DistillLoss):
     """Attention transfer. Args: ``weight`` (1.0), ``p`` (2), ``beta`` (1000),
     ``student_tap`` / ``teacher_tap`` ("feat")."""
 
-    registry_name = "at"
-
     def __init__(self, ctx: LossContext, weight: float = 1.0, p: float = 2.0, beta: float = 1000.0,
                  student_tap: str = "feat", teacher_tap: str = "feat") -> None:
         super().__init__(ctx, weight)

@@ -21,7 +21,8 @@ from torch import nn
 from c2vkd import IGNORE_INDEX
 from c2vkd.registry import Registry
 
-LOSSES: Registry[type["DistillLoss"]] = Registry("loss")
+#: registering a loss class sets its ``registry_name`` (the name its term is logged under, :meth:`term_name`)
+LOSSES: Registry[type["DistillLoss"]] = Registry("loss", name_attr="registry_name")
 
 
 @dataclass
@@ -65,6 +66,8 @@ class DistillLoss(nn.Module):
 
     @classmethod
     def term_name(cls) -> str:
+        """The name of the single term: the registry name (set by ``@LOSSES.register("name")``), or the
+        lower-case class name for a class used without registering it."""
         return getattr(cls, "registry_name", cls.__name__.lower())
 
     @classmethod

@@ -29,7 +29,6 @@ class CELoss(DistillLoss):
     """Cross-entropy against the labels. Args: ``weight`` and optional ``class_weights`` (list of K)."""
 
     requires_teacher = False
-    registry_name = "ce"
 
     def __init__(self, ctx: LossContext, weight: float = 1.0, class_weights: list[float] | None = None) -> None:
         super().__init__(ctx, weight)

@@ -364,8 +364,6 @@ class CIRKDLoss(AdaptedFeatureLoss):
     ``p2r_weight`` (0), ``region_source`` ("teacher"), ``adapter`` ("mlp", the projection head),
     ``max_elements`` (2**25), ``max_rows_per_chunk`` (None), ``student_tap`` / ``teacher_tap`` ("feat")."""
 
-    registry_name = "cirkd"
-
     def __init__(self, ctx: LossContext, weight: float = 1.0, p2p_weight: float = 1.0, p2r_weight: float = 0.0,
                  temperature: float = 0.1, scope: str = "pair", pool_size: int = 4, pool_mode: str = "avg",
                  pool_min_size: int = 256, p2p_student: str = "raw",

@@ -59,8 +59,6 @@ class CWDLoss(DistillLoss):
     "mean"), and for features ``student_tap`` / ``teacher_tap`` ("feat") and ``adapter`` ("auto": 1x1 conv
     only when channels differ; or a kind of :mod:`c2vkd.losses.adapters`)."""
 
-    registry_name = "cwd"
-
     def __init__(self, ctx: LossContext, weight: float = 1.0, temperature: float = 4.0, on: str = "logits",
                  student_tap: str = "feat", teacher_tap: str = "feat", adapter: str = "auto",
                  at: str = "input", reduction: str = "reference") -> None:

@@ -77,8 +77,6 @@ class DISTLoss(DistillLoss):
     """DIST on logits. Args: ``weight`` (1.0), ``beta`` (1.0), ``gamma`` (1.0), ``temperature`` (1.0),
     ``mask_ignore`` (True), ``at`` ("input" | "stride")."""
 
-    registry_name = "dist"
-
     def __init__(self, ctx: LossContext, weight: float = 1.0, beta: float = 1.0, gamma: float = 1.0,
                  temperature: float = 1.0, mask_ignore: bool = True, at: str = "input") -> None:
         super().__init__(ctx, weight)

@@ -104,8 +104,6 @@ class DKDLoss(DistillLoss):
     ``temperature`` (4.0), ``target_source`` ("gt" | "teacher"), ``mask_ignore`` (True; with
     target_source "teacher", False distils every pixel)."""
 
-    registry_name = "dkd"
-
     def __init__(self, ctx: LossContext, weight: float = 1.0, alpha: float = 1.0, beta: float = 8.0,
                  temperature: float = 4.0, target_source: str = "gt", mask_ignore: bool = True) -> None:
         super().__init__(ctx, weight)

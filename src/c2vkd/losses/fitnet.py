@@ -38,8 +38,6 @@ class FitNetLoss(AdaptedFeatureLoss):
     """FitNets hint. Args: ``weight`` (1.0), ``adapter`` ("conv1x1" | "conv3x3" | "mlp"),
     ``student_tap`` / ``teacher_tap`` ("feat")."""
 
-    registry_name = "fitnet"
-
     def __init__(self, ctx: LossContext, weight: float = 1.0, adapter: str = "conv1x1",
                  student_tap: str = "feat", teacher_tap: str = "feat") -> None:
         super().__init__(ctx, weight)

@@ -78,8 +78,6 @@ class IFVDLoss(AdaptedFeatureLoss):
     """IFVD. Args: ``weight`` (1.0), ``adapter`` ("none": resize only), ``mean_over`` ("valid" | "all"),
     ``student_tap``/``teacher_tap`` ("feat")."""
 
-    registry_name = "ifvd"
-
     def __init__(self, ctx: LossContext, weight: float = 1.0, adapter: str = "none", mean_over: str = "valid",
                  student_tap: str = "feat", teacher_tap: str = "feat") -> None:
         super().__init__(ctx, weight)

@@ -55,8 +55,6 @@ class KDLoss(DistillLoss):
     """Pixel-wise KD on logits. Args: ``weight`` (1.0), ``temperature`` (1.0), ``mask_ignore`` (True),
     ``at`` ("input" | "stride")."""
 
-    registry_name = "kd"
-
     def __init__(self, ctx: LossContext, weight: float = 1.0, temperature: float = 1.0,
                  mask_ignore: bool = True, at: str = "input") -> None:
         super().__init__(ctx, weight)

@@ -252,7 +252,6 @@ class PDDLoss(DistillLoss):
     beta, temperature, gt_mix, direction, use_nckd to override the preset; memory_efficient (default True)."""
 
     requires_teacher = True
-    registry_name = "pdd"
 
     def __init__(self, ctx: LossContext, weight: float = 1.0, alpha: float | None = None,
                  beta: float | None = None, temperature: float | None = None, gt_mix: float | None = None,

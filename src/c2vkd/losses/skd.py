@@ -124,8 +124,6 @@ class SKDLoss(AdaptedFeatureLoss):
     ``detach_norm`` (False, CIRKD; True = the authors' code), ``adapter`` ("none": resize only),
     ``student_tap``/``teacher_tap`` ("feat")."""
 
-    registry_name = "skd"
-
     def __init__(self, ctx: LossContext, weight: float = 1.0, pool_scale: float | None = None,
                  max_pairs: int = DEFAULT_MAX_PAIRS, detach_norm: bool = False, adapter: str = "none",
                  student_tap: str = "feat", teacher_tap: str = "feat", pool_kernel: int | None = 2) -> None:

@@ -196,7 +196,6 @@ class VLFDLoss(DistillLoss):
     """
 
     requires_teacher = True
-    registry_name = "vlfd"
 
     def __init__(self, ctx: LossContext, weight: float = 1.0, global_weight: float = 0.1,
                  patch_weight: float = 0.1, linguistic_weight: float = 0.5, global_direction: str = "forward",
