@@ -172,3 +172,23 @@ def test_torchscript_refused_unless_allowed(tmp_path):
     x = torch.randn(1, 2048, 7, 7)
     with torch.no_grad():
         torch.testing.assert_close(pool(x), model.visual.attnpool(x))
+
+
+def test_reads_through_the_one_weight_reader(ref_pool, feat7, tmp_path):
+    """The CLIP loader reads and unwraps with models/weights.py: a safetensors file under a .bin name (found
+    by its header), an ``ema`` wrapper (now also accepted by load_checkpoint_weights), a checksum sidecar."""
+    from c2vkd.models.weights import read_state_dict
+    from c2vkd.utils.io import atomic_save
+
+    openai = {f"visual.attnpool.{k}": v.contiguous() for k, v in ref_pool.state_dict().items()}
+    named_bin = tmp_path / "open_clip_pytorch_model.bin"
+    save_file(openai, str(named_bin))
+    ema = tmp_path / "ema.pt"
+    atomic_save({"step": 7, "ema": openai}, ema)  # writes ema.pt.sha256
+    assert set(read_state_dict(ema)) == set(openai) == set(read_state_dict(named_bin))
+    for path in (named_bin, ema):
+        with torch.no_grad():
+            torch.testing.assert_close(load_clip_attnpool(str(path))(feat7), ref_pool(feat7), rtol=1e-5, atol=1e-5)
+    ema.with_name("ema.pt.sha256").write_text("0" * 64 + "  ema.pt\n")
+    with pytest.raises(ValueError, match="truncated or corrupt.*checksum"):
+        load_clip_attnpool(str(ema))

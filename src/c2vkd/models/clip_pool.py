@@ -23,13 +23,14 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import zipfile
 from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from c2vkd.models.weights import WeightLoadError, read_weights_file, unwrap_state_dict
 
 logger = logging.getLogger("c2vkd")
 
@@ -62,7 +63,6 @@ TIMM_FUSED_QKV: tuple[str, str] = ("qkv.weight", "qkv.bias")
 # Prefixes under which each naming stores the pool; the order only matters for error messages.
 _CLIP_PREFIXES: tuple[str, ...] = ("visual.attnpool.", "attnpool.")  # OpenAI / open_clip / ModifiedResNet
 _TIMM_PREFIX = "head."
-_WRAPPER_KEYS: tuple[str, ...] = ("state_dict", "model", "module", "model_state_dict", "ema")
 
 
 class AttentionPool2d(nn.Module):
@@ -128,23 +128,17 @@ class AttentionPool2d(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def _read_state_dict(path: str, allow_torchscript: bool) -> dict[str, torch.Tensor]:
-    """Read a tensor dict from safetensors or a torch.save file (weights_only); TorchScript only if allowed."""
+def _read_state_dict(path: str, allow_torchscript: bool) -> Mapping[str, object]:
+    """Read a checkpoint object with :func:`c2vkd.models.weights.read_weights_file` (safetensors, or a torch.save
+    file with ``weights_only=True``); a TorchScript archive only if allowed. Errors are ValueErrors naming the
+    file as truncated or corrupt."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CLIP checkpoint not found: {path}")
-    with open(path, "rb") as fh:
-        head = fh.read(16)
     corrupt = (f"could not read CLIP checkpoint {path!r}: the file looks truncated or corrupt "
                f"(size {os.path.getsize(path)} bytes); re-download or re-export it")
-    # safetensors: 8-byte little-endian header length followed by a JSON object
-    if path.endswith(".safetensors") or (len(head) > 8 and head[8:9] == b"{"):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            return load_file(path, device="cpu")
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ValueError(f"{corrupt}: {exc}") from exc
-    if head[:4] == b"PK\x03\x04":  # torch.save / TorchScript zip archive
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head == b"PK\x03\x04" and not path.endswith(".safetensors"):  # torch.save / TorchScript zip archive
         try:
             with zipfile.ZipFile(path) as zf:
                 names = zf.namelist()
@@ -166,26 +160,12 @@ def _read_state_dict(path: str, allow_torchscript: bool) -> dict[str, torch.Tens
             except RuntimeError as exc:
                 raise ValueError(f"{corrupt}: {exc}") from exc
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/UnpicklingError/EOFError/...
+        obj = read_weights_file(path)
+    except WeightLoadError as exc:
         raise ValueError(f"{corrupt} (or not a weights-only torch checkpoint): {exc}") from exc
     if not isinstance(obj, Mapping):
         raise ValueError(f"CLIP checkpoint {path!r} holds a {type(obj).__name__}, not a state dict")
-    return dict(obj)
-
-
-def _unwrap(sd: Mapping[str, object]) -> dict[str, torch.Tensor]:
-    """Unwrap {'state_dict': {...}} style containers and strip DDP's 'module.' prefix."""
-    while len(sd) > 0 and not any(isinstance(v, torch.Tensor) for v in sd.values()):
-        inner = next((sd[k] for k in _WRAPPER_KEYS if isinstance(sd.get(k), Mapping)), None)
-        if inner is None:
-            break
-        sd = inner
-    out: dict[str, torch.Tensor] = {}
-    for k, v in sd.items():
-        if isinstance(v, torch.Tensor):
-            out[re.sub(r"^(module\.)+", "", k)] = v
-    return out
+    return obj
 
 
 def extract_attnpool_state(sd: Mapping[str, object]) -> tuple[dict[str, torch.Tensor], str]:
@@ -194,7 +174,10 @@ def extract_attnpool_state(sd: Mapping[str, object]) -> tuple[dict[str, torch.Te
     Returns (tensors under our names, the naming found: 'openai/open_clip', 'timm' or 'bare').
     Keys outside the pool (the rest of the visual tower, the text tower) are ignored; keys *under* the
     pool's prefix that we do not know are kept, so the strict check reports them as unexpected."""
-    flat = _unwrap(sd)
+    try:  # wrapper containers and DDP / torch.compile prefixes, as every weight file c2vkd reads
+        flat = unwrap_state_dict(sd)
+    except WeightLoadError:  # no tensors at all: reported below as "no CLIP attention pool found"
+        flat = {}
     found: list[tuple[str, dict[str, torch.Tensor]]] = []
     for prefix in _CLIP_PREFIXES:
         sub = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}

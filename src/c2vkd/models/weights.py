@@ -5,8 +5,9 @@ Flow of :func:`load_checkpoint_weights`:
 1. read a state dict (:func:`read_state_dict`): ``.safetensors``, or ``.pt/.pth/.bin`` through
    ``torch.load(weights_only=True)`` (c2vkd.utils.io.safe_load, checksum-verified when a sidecar exists),
    or an HF ``save_pretrained`` directory (single or sharded). Training checkpoints are unwrapped
-   (``state_dict`` / ``model`` / ``model_state_dict`` / ``module`` / ``student``) and DDP / torch.compile
-   prefixes (``module.``, ``_orig_mod.``) are stripped;
+   (``state_dict`` / ``model`` / ``model_state_dict`` / ``module`` / ``student`` / ``ema``) and DDP /
+   torch.compile prefixes (``module.``, ``_orig_mod.``) are stripped (:func:`unwrap_state_dict`; the CLIP
+   pool loader in ``clip_pool.py`` reads and unwraps its files with the same two functions);
 2. let the model remap keys for the formats it understands (``model.adapt_state_dict``: e.g. an ImageNet
    ResNet for a teacher, HF 4.x / NVlabs names for SegFormer). The adapter also says which model keys the
    checkpoint is meant to cover (``scope``) and which checkpoint keys it discards on purpose;
@@ -31,7 +32,7 @@ from torch import nn
 from c2vkd.utils.io import CheckpointError, safe_load
 
 #: wrapper keys of training checkpoints, tried in this order
-_CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module", "student")
+_CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module", "student", "ema")
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
 _SHOW = 12  # keys listed per category in error messages
 
@@ -85,7 +86,9 @@ def _short(keys: list[str]) -> str:
     return ", ".join(keys[:_SHOW]) + more
 
 
-def _read_file(path: Path) -> Any:
+def read_weights_file(path: str | Path) -> Any:
+    """The object stored in one weight file, read safely (:func:`c2vkd.utils.io.safe_load`: safetensors, or
+    ``torch.load(weights_only=True)``, checksum-verified when a sidecar exists). Raises WeightLoadError."""
     try:
         return safe_load(path, map_location="cpu")
     except CheckpointError as e:
@@ -96,13 +99,13 @@ def _read_directory(path: Path) -> dict[str, torch.Tensor]:
     """HF ``save_pretrained`` layout: model.safetensors, pytorch_model.bin, or their sharded indexes."""
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (path / name).is_file():
-            return _read_file(path / name)
+            return read_weights_file(path / name)
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (path / index).is_file():
             shards = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
             merged: dict[str, torch.Tensor] = {}
             for shard in shards:
-                merged.update(_read_file(path / shard))
+                merged.update(read_weights_file(path / shard))
             return merged
     found = ", ".join(sorted(p.name for p in path.iterdir())) or "(empty)"
     raise WeightLoadError(f"{path} is a directory without model.safetensors / pytorch_model.bin "
@@ -120,7 +123,15 @@ def read_state_dict(source: str | Path | Mapping[str, Any]) -> dict[str, torch.T
         if not path.exists():
             raise WeightLoadError(f"weights not found: {path} (only local files are supported; nothing is "
                                   "downloaded)")
-        obj = _read_directory(path) if path.is_dir() else _read_file(path)
+        obj = _read_directory(path) if path.is_dir() else read_weights_file(path)
+    return unwrap_state_dict(obj, where)
+
+
+def unwrap_state_dict(obj: Any, where: str = "<state dict>") -> dict[str, torch.Tensor]:
+    """The flat ``{name: tensor}`` dict inside a (possibly wrapped) checkpoint object: containers of training
+    checkpoints (``{"model": {...}, "epoch": 3}``, see ``_CONTAINER_KEYS``) are unwrapped, non-tensor entries
+    dropped, and a DDP / torch.compile prefix stripped when every key carries it. ``where`` names the source in
+    the WeightLoadError raised when no tensors are found."""
     # unwrap training checkpoints {"model": {...}, "epoch": 3, ...}
     while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         inner = next((obj[k] for k in _CONTAINER_KEYS if isinstance(obj.get(k), Mapping)), None)

@@ -83,15 +83,24 @@ def verify(path: str | Path) -> bool:
     return expected == sha256_file(path)
 
 
+def _has_safetensors_header(path: Path) -> bool:
+    """safetensors layout: an 8-byte little-endian header length, then the JSON header (torch.save's zip and
+    legacy pickle files never have '{' at byte 8)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
 def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """Load a .pt/.pth (weights_only=True) or .safetensors file; checksum-verified when a sidecar exists."""
+    """Load a .pt/.pth (weights_only=True) or .safetensors file (by its suffix, or by its header under another
+    name); checksum-verified when a sidecar exists."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if not verify(path):
         raise CheckpointError(f"checkpoint {path} does not match its checksum ({path.name}.sha256): "
                               "the file is truncated or corrupted")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or _has_safetensors_header(path):
         from safetensors.torch import load_file
 
         try:
