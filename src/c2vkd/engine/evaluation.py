@@ -1,5 +1,5 @@
 """Evaluation wiring: a model (the training student, or a saved export / training / foreign checkpoint) on a
-dataset split with the config's eval settings, plus parameter count and latency for result tables.
+dataset split with the config's eval settings (parameters and latency: :mod:`c2vkd.models.report`).
 
 Shared by training-time validation and the final evaluation (Trainer), `c2vkd eval`, `c2vkd compare` (the
 teacher row) and the demo, so they all measure identically.
@@ -16,7 +16,6 @@ from c2vkd.data import build_dataloader, build_dataset
 from c2vkd.engine.weights import build_for_eval
 from c2vkd.eval.inference import evaluate
 from c2vkd.eval.metrics import SegMetrics
-from c2vkd.models import report as model_report
 from c2vkd.utils.device import pick_device
 from c2vkd.utils.sizes import as_hw
 
@@ -60,17 +59,3 @@ def evaluate_checkpoint(path: str | Path, cfg: dict[str, Any], split: str, *,
     m, classes = evaluate_model(model, cfg, split, device=device, progress=progress)
     return m, classes, name, model
 
-
-def count_params(model: nn.Module) -> int:
-    """Total parameter count (:func:`c2vkd.models.report.count_params` has the encoder/decoder split)."""
-    return int(model_report.count_params(model)["total"])
-
-
-def measure_latency(model: nn.Module, input_hw: tuple[int, int], *, runs: int = 10, warmup: int = 2,
-                    batch: int = 1) -> dict[str, float]:
-    """Forward latency in ms of a random ``[batch, 3, *input_hw]`` input (eval, no grad, synchronised on CUDA):
-    median/min/max over ``runs`` after ``warmup`` runs (timed by :func:`c2vkd.models.report.measure_latency`)."""
-    device = next(model.parameters()).device
-    x = torch.randn(batch, 3, *input_hw, device=device)
-    times = sorted(model_report.measure_latency(model, x, runs=runs, warmup=warmup))
-    return {"median_ms": times[len(times) // 2], "min_ms": times[0], "max_ms": times[-1], "runs": runs}

@@ -4,7 +4,7 @@
   constructor accepts (config.py checks structure only, so the config layer never imports the losses);
   called by the CLI, ``compare`` and the Trainer.
 * :func:`teacher_losses` / :func:`needs_teacher`: "does this config need a teacher?" for cli, compare, the
-  Trainer and the Distiller.
+  Trainer, the Distiller, the teacher weights check (engine/weights.py) and the exported model card.
 """
 from __future__ import annotations
 

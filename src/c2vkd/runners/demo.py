@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 from pathlib import Path
 from typing import Any, Sequence
+
+import torch
 
 from c2vkd.config import load_config
 
@@ -29,8 +32,9 @@ def run_demo(run_dir: str | Path = "runs/demo", overrides: Sequence[str] = (), *
              latency_runs: int = 5) -> dict[str, Any]:
     from c2vkd.runners.compare import run_compare
     from c2vkd.data import sample_root
-    from c2vkd.engine.evaluation import count_params, evaluate_checkpoint, measure_latency
+    from c2vkd.engine.evaluation import evaluate_checkpoint
     from c2vkd.engine.trainer import Trainer
+    from c2vkd.models.report import count_params, measure_latency
 
     run_dir = Path(run_dir)
     common = [f"data.root={sample_root()}", *overrides]
@@ -69,9 +73,10 @@ def run_demo(run_dir: str | Path = "runs/demo", overrides: Sequence[str] = (), *
                 for label, m in (("student, no KD", "none"), ("student + C2VKD", "c2vkd"))]
     for label, path in entries:
         m, _, name, model = evaluate_checkpoint(path, cfg, split, progress=False)
-        lat = measure_latency(model, (h, w), runs=latency_runs)
-        rows.append({"row": label, "model": name, "miou": m.miou, "params": count_params(model),
-                     "latency_ms": lat["median_ms"], "checkpoint": str(path)})
+        x = torch.randn(1, 3, h, w, device=next(model.parameters()).device)
+        latency_ms = statistics.median(measure_latency(model, x, runs=latency_runs))  # as `c2vkd info`
+        rows.append({"row": label, "model": name, "miou": m.miou, "params": count_params(model)["total"],
+                     "latency_ms": latency_ms, "checkpoint": str(path)})
     table = format_demo_table(rows, split=split, hw=(h, w))
     verdict = format_verdict(rows[2]["miou"] - rows[1]["miou"], load_noise())
     (run_dir / "demo.json").write_text(json.dumps({"rows": rows, "split": split,

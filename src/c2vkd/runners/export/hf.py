@@ -38,11 +38,12 @@ def model_card(*, title: str, model_name: str, cfg: dict[str, Any], classes: lis
                command: str | None) -> str:
     """The README.md of an exported folder: what was distilled from what, on which data, how long, how
     good (``eval_test.json`` of the run when present), and the commands to use and reproduce it."""
+    from c2vkd.engine.loss_config import needs_teacher
     from c2vkd.losses import LOSSES
 
     t, d, sch, opt = cfg["teacher"], cfg["data"], cfg["schedule"], cfg["optim"]
     losses = cfg["losses"]
-    distilled = any(LOSSES.get(e["name"]).requires_teacher for e in losses if e["name"] in LOSSES)
+    distilled = needs_teacher([e for e in losses if e["name"] in LOSSES])  # an unimportable plugin: not counted
     preset = preset_for_losses(losses)
     terms = ", ".join(f"{e['name']} x{e.get('weight', 1.0)}" for e in losses)
     method = (f"`{preset}` preset ({terms})" if preset else f"custom loss set ({terms})")
