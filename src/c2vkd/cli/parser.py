@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
 def _add_config_args(p: argparse.ArgumentParser, config_required: bool = True) -> None:
@@ -30,29 +31,37 @@ def _add_oneline_args(p: argparse.ArgumentParser, *, teacher: bool) -> None:
     g.add_argument("--out", default=None, metavar="DIR", help="run directory (default: runs/STUDENT-METHOD-DATA)")
 
 
+def _add_run_command(sub: Any, name: str, *, help: str, description: str, teacher: bool) -> None:
+    """`c2vkd train` / `c2vkd distill`: a config (or the one-line options), overrides and --resume."""
+    p = sub.add_parser(name, help=help, description=description)
+    p.add_argument("config", nargs="?", default=None,
+                   help="experiment YAML (a path, or the name of a packaged config); omit it for a one-line run")
+    _add_config_args(p, config_required=False)
+    p.add_argument("--resume", default=None, help="'auto' (latest valid checkpoint in the run) or a checkpoint path")
+    _add_oneline_args(p, teacher=teacher)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """`c2vkd taps` / `c2vkd info`: a registered model name at a dummy input size."""
+    p.add_argument("model")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import a module (dotted name or .py path) that registers your own models first")
+    p.add_argument("--input", default="512x512", help="HxW of the dummy input")
+    p.add_argument("--num-classes", type=int, default=19)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="c2vkd", description="CNN-to-ViT knowledge distillation for segmentation")
     ap.add_argument("--version", action="version", version=_version())
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="supervised training (no teacher): the student baseline or a teacher",
-                       description="c2vkd train CONFIG, or with no config file: c2vkd train --model NAME --data DIR "
-                                   "[--method none] [--iters N] [--out DIR]")
-    p.add_argument("config", nargs="?", default=None,
-                   help="experiment YAML (a path, or the name of a packaged config); omit it for a one-line run")
-    _add_config_args(p, config_required=False)
-    p.add_argument("--resume", default=None, help="'auto' (latest valid checkpoint in the run) or a checkpoint path")
-    _add_oneline_args(p, teacher=False)
-
-    p = sub.add_parser("distill", help="distil a frozen teacher into the student (C2VKD or a baseline)",
-                       description="c2vkd distill CONFIG, or with no config file: c2vkd distill --teacher "
-                                   "NAME[=CHECKPOINT] --student NAME --data DIR [--method c2vkd] [--iters N] "
-                                   "[--out DIR]")
-    p.add_argument("config", nargs="?", default=None,
-                   help="experiment YAML (a path, or the name of a packaged config); omit it for a one-line run")
-    _add_config_args(p, config_required=False)
-    p.add_argument("--resume", default=None, help="'auto' or a checkpoint path")
-    _add_oneline_args(p, teacher=True)
+    _add_run_command(sub, "train", help="supervised training (no teacher): the student baseline or a teacher",
+                     description="c2vkd train CONFIG, or with no config file: c2vkd train --model NAME --data DIR "
+                                 "[--method none] [--iters N] [--out DIR]", teacher=False)
+    _add_run_command(sub, "distill", help="distil a frozen teacher into the student (C2VKD or a baseline)",
+                     description="c2vkd distill CONFIG, or with no config file: c2vkd distill --teacher "
+                                 "NAME[=CHECKPOINT] --student NAME --data DIR [--method c2vkd] [--iters N] "
+                                 "[--out DIR]", teacher=True)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint or student export (per-class IoU table)")
     _add_config_args(p)
@@ -113,11 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--alpha", type=float, default=0.5, help="colour weight of the overlays (0..1)")
 
     p = sub.add_parser("taps", help="list every tappable module of a model with output shape and stride")
-    p.add_argument("model")
-    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                   help="import a module (dotted name or .py path) that registers your own models first")
-    p.add_argument("--input", default="512x512", help="HxW of the dummy input")
-    p.add_argument("--num-classes", type=int, default=19)
+    _add_model_args(p)
 
     p = sub.add_parser("plot", help="PNG curves of a run: loss terms, lr, val mIoU, per-class IoU")
     p.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
@@ -148,11 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=1e-4, help="max |logit difference| accepted when verifying")
 
     p = sub.add_parser("info", help="parameters, GFLOPs and latency of a model at an input size")
-    p.add_argument("model")
-    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                   help="import a module (dotted name or .py path) that registers your own models first")
-    p.add_argument("--input", default="512x512", help="HxW of the dummy input")
-    p.add_argument("--num-classes", type=int, default=19)
+    _add_model_args(p)
     p.add_argument("--runs", type=int, default=10, help="timed forward passes (after warm-up)")
     p.add_argument("--warmup", type=int, default=2, help="untimed forward passes first")
     p.add_argument("--batch", type=int, default=1)
