@@ -27,7 +27,6 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
-from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
 from c2vkd.models.base import MODELS, AdaptedStateDict, SegmentationModel, min_side_for_reductions
 
@@ -119,6 +118,10 @@ class SegFormer(SegmentationModel):
     }
 
     def __init__(self, num_classes: int, variant: str = "b0", **config_overrides: Any) -> None:
+        # imported here: transformers takes seconds to import, which every process (CLI, DDP workers) paid
+        # on `import c2vkd.models` whether or not it built a SegFormer
+        from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
         if variant not in MIT_CONFIGS:
             raise ValueError(f"unknown MiT variant {variant!r}; choose from {sorted(MIT_CONFIGS)}")
         known = set(SegformerConfig().to_dict())

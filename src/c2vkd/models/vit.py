@@ -23,13 +23,12 @@ logits always come out at the input size. Taps then have the padded grid (``ceil
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
-import timm
 import torch
-from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 from torch import nn
 from torch.nn import functional as F
 
@@ -173,6 +172,15 @@ class _TimmSegModel(SegmentationModel):
                                 dropped=dropped)
 
 
+def _create_encoder(name: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(name, **kwargs)``. timm is imported here, when a timm student is built: with the
+    torchvision it pulls in it takes seconds, which every process (CLI, DDP workers) paid on
+    ``import c2vkd.models`` otherwise."""
+    import timm
+
+    return timm.create_model(name, **kwargs)
+
+
 def _timm_kwargs(drop_path_rate: float | None) -> dict[str, Any]:
     return {} if drop_path_rate is None else {"drop_path_rate": float(drop_path_rate)}
 
@@ -209,8 +217,8 @@ class PVTv2Seg(_TimmSegModel):
             raise ValueError(f"unknown PVTv2 variant {variant!r}; choose from {sorted(PVT_CHANNELS)}")
         super().__init__(num_classes, output_stride=32)
         self.variant = variant
-        self.encoder = timm.create_model(f"pvt_v2_{variant}", pretrained=False, num_classes=0,
-                                         **_timm_kwargs(drop_path_rate))
+        self.encoder = _create_encoder(f"pvt_v2_{variant}", pretrained=False, num_classes=0,
+                                       **_timm_kwargs(drop_path_rate))
         self.channels = tuple(int(f["num_chs"]) for f in self.encoder.feature_info)
         self._make_taps()
         self.decode_head = SemanticFPNHead(self.channels, num_classes, fpn_channels, head_channels, dropout)
@@ -244,28 +252,42 @@ class PVTv2Seg(_TimmSegModel):
 
 
 # ---------------------------------------------------------------------------------------------- Swin-T
-class PadThenShiftSwinBlock(SwinTransformerBlock):
-    """timm's Swin block with the segmentation ordering of the shifted-window attention (as in the
-    Swin-Transformer-Semantic-Segmentation / mmseg code): pad the map to whole windows *first*, then roll,
-    and build the shift mask for the padded map. timm rolls first and pads after, so when a stage's map is
-    not a multiple of the window (7) its mask does not separate the wrapped-around rows/columns from their
-    new neighbours. Same parameters and buffers as the timm block (instances are converted in place)."""
+@functools.lru_cache(maxsize=None)
+def _pad_then_shift_swin_block() -> type:
+    """:class:`PadThenShiftSwinBlock`, defined on first use (it subclasses timm's block; see _create_encoder)."""
+    from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 
-    def _attn(self, x: torch.Tensor) -> torch.Tensor:
-        _, h, w, c = x.shape
-        wh, ww = self.window_size
-        x = F.pad(x, (0, 0, 0, (-w) % ww, 0, (-h) % wh))
-        hp, wp = x.shape[1], x.shape[2]
-        shift = any(self.shift_size)
-        if shift:
-            x = torch.roll(x, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2))
-        mask = self.get_attn_mask(x) if shift else None  # regions of the padded, rolled map
-        windows = window_partition(x, self.window_size).view(-1, self.window_area, c)
-        windows = self.attn(windows, mask=mask).view(-1, wh, ww, c)
-        x = window_reverse(windows, self.window_size, hp, wp)
-        if shift:
-            x = torch.roll(x, shifts=self.shift_size, dims=(1, 2))
-        return x[:, :h, :w, :].contiguous()
+    class PadThenShiftSwinBlock(SwinTransformerBlock):
+        """timm's Swin block with the segmentation ordering of the shifted-window attention (as in the
+        Swin-Transformer-Semantic-Segmentation / mmseg code): pad the map to whole windows *first*, then roll,
+        and build the shift mask for the padded map. timm rolls first and pads after, so when a stage's map is
+        not a multiple of the window (7) its mask does not separate the wrapped-around rows/columns from their
+        new neighbours. Same parameters and buffers as the timm block (instances are converted in place)."""
+
+        def _attn(self, x: torch.Tensor) -> torch.Tensor:
+            _, h, w, c = x.shape
+            wh, ww = self.window_size
+            x = F.pad(x, (0, 0, 0, (-w) % ww, 0, (-h) % wh))
+            hp, wp = x.shape[1], x.shape[2]
+            shift = any(self.shift_size)
+            if shift:
+                x = torch.roll(x, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2))
+            mask = self.get_attn_mask(x) if shift else None  # regions of the padded, rolled map
+            windows = window_partition(x, self.window_size).view(-1, self.window_area, c)
+            windows = self.attn(windows, mask=mask).view(-1, wh, ww, c)
+            x = window_reverse(windows, self.window_size, hp, wp)
+            if shift:
+                x = torch.roll(x, shifts=self.shift_size, dims=(1, 2))
+            return x[:, :h, :w, :].contiguous()
+
+    PadThenShiftSwinBlock.__qualname__ = "PadThenShiftSwinBlock"  # c2vkd.models.vit.PadThenShiftSwinBlock
+    return PadThenShiftSwinBlock
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PadThenShiftSwinBlock":  # defined lazily, see _pad_then_shift_swin_block
+        return _pad_then_shift_swin_block()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class SwinSeg(_TimmSegModel):
@@ -299,12 +321,12 @@ class SwinSeg(_TimmSegModel):
     def __init__(self, num_classes: int, fpn_channels: int = 256, head_channels: int = 128, dropout: float = 0.1,
                  drop_path_rate: float | None = None) -> None:
         super().__init__(num_classes, output_stride=32)
-        self.encoder = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=0,
-                                         strict_img_size=False, always_partition=True,
-                                         **_timm_kwargs(drop_path_rate))
+        self.encoder = _create_encoder("swin_tiny_patch4_window7_224", pretrained=False, num_classes=0,
+                                       strict_img_size=False, always_partition=True,
+                                       **_timm_kwargs(drop_path_rate))
         for layer in self.encoder.layers:
             for blk in layer.blocks:
-                blk.__class__ = PadThenShiftSwinBlock  # method override only: parameters/buffers/names unchanged
+                blk.__class__ = _pad_then_shift_swin_block()  # method override only: parameters/buffers/names unchanged
         self.channels = tuple(int(f["num_chs"]) for f in self.encoder.feature_info)
         self.out_norms = nn.ModuleList(nn.LayerNorm(c) for c in self.channels[:-1])
         self._make_taps()
@@ -367,8 +389,8 @@ class DeiTSeg(_TimmSegModel):
             raise ValueError("decoder_channels must hold two widths (1/16 -> 1/8 -> 1/4)")
         super().__init__(num_classes, output_stride=16)
         self.variant = variant
-        self.encoder = timm.create_model(f"deit_{variant}_patch16_224", pretrained=False, num_classes=0,
-                                         dynamic_img_size=True, **_timm_kwargs(drop_path_rate))
+        self.encoder = _create_encoder(f"deit_{variant}_patch16_224", pretrained=False, num_classes=0,
+                                       dynamic_img_size=True, **_timm_kwargs(drop_path_rate))
         self.patch_size = int(self.encoder.patch_embed.patch_size[0])
         self.trained_grid = tuple(int(g) for g in self.encoder.patch_embed.grid_size)
         depth = len(self.encoder.blocks)
