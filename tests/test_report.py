@@ -18,6 +18,9 @@ from c2vkd.engine.trainer import Trainer
 from c2vkd.runners.report import run_report
 
 SAMPLE = Path(__file__).resolve().parents[1] / "src" / "c2vkd" / "assets" / "camvid_sample"
+# small tensors (toy models, 64x64 crops, batch 2): one intra-op thread is faster, and much faster when the other
+# core is busy (conftest.one_thread); the 100-step balanced run took 52 s with two threads, 41 s with one, under load
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
