@@ -27,6 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import _toy
@@ -55,6 +56,7 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # torchrun + two worker processes
 def test_two_process_ddp_matches_single_process(tmp_path: Path) -> None:
     root = write_folder(tmp_path / "ds", {"train": 8, "val": 2, "test": 3}, ignore_index=None, size_hw=(32, 40))
     torch.manual_seed(1)

@@ -144,6 +144,7 @@ def straight(data: Path):
         ref.proc.communicate()
 
 
+@pytest.mark.slow  # real `c2vkd train` processes, killed and resumed
 def test_sigkill_after_checkpoint_then_resume_auto_is_bitwise_identical(data: Path, straight: _Straight) -> None:
     run = data.parent / "killed"
     mid = run / "checkpoints" / f"iter_{ITERS // 2:07d}.pt"
@@ -164,6 +165,7 @@ def test_sigkill_after_checkpoint_then_resume_auto_is_bitwise_identical(data: Pa
     assert rows[-1]["iter"] == ITERS
 
 
+@pytest.mark.slow
 def test_sigterm_saves_checkpoint_exits_clearly_and_resumes(data: Path, straight: _Straight) -> None:
     run = data.parent / "preempted"
     proc = _start(data, run, sleep=(1.0, 3))  # two fast steps, then 1 s per step

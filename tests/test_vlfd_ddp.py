@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -43,6 +44,7 @@ def naive_graph(s: torch.Tensor, t: torch.Tensor, eps: float = 1e-8) -> torch.Te
     return (((a @ a.T) - (b @ b.T)) / (s.shape[1] - 1)).pow(2).mean()
 
 
+@pytest.mark.slow  # two spawned gloo processes
 def test_patch_graph_across_ranks_equals_concatenated_batch() -> None:
     torch.manual_seed(0)
     s, t = torch.randn(4, 6, 3, 5, dtype=torch.float64), torch.randn(4, 6, 3, 5, dtype=torch.float64)
