@@ -78,3 +78,21 @@ def test_module_uses_context_ignore_index_and_class_weights(weights):
 def test_module_rejects_wrong_number_of_class_weights():
     with pytest.raises(ValueError, match="class_weights has 2 entries, but the dataset has 3 classes"):
         CELoss(LossContext(num_classes=3), class_weights=[1.0, 2.0])
+
+
+def test_module_defaults_teacher_free_and_no_state():
+    """Wiring a user relies on: `{name: ce}` weighs 1, needs no teacher (supervised training), integer class
+    weights work, and the class weights are configuration, not checkpoint state."""
+    from c2vkd.engine.loss_config import needs_teacher
+
+    ctx = LossContext(num_classes=3, ignore_index=255)
+    assert CELoss(ctx).weights == {"ce": 1.0}
+    assert CELoss.requires_teacher is False and not needs_teacher([{"name": "ce", "weight": 1.0}])
+    assert CELoss.taps({}) == ([], [])
+    m = CELoss(ctx, class_weights=[1, 2, 3])  # ints, as YAML gives them
+    assert m.class_weights.dtype == torch.float32 and m.state_dict() == {}
+    g = torch.Generator().manual_seed(3)
+    logits, target = torch.randn(2, 3, 4, 5, generator=g), torch.randint(0, 3, (2, 4, 5), generator=g)
+    want = ref_ce(logits, target, ignore=255, weights=[1.0, 2.0, 3.0])
+    got = m(LossInputs(student_logits=logits, target=target))["ce"]
+    assert float(got) == pytest.approx(want, rel=1e-6)

@@ -122,6 +122,20 @@ def test_graph_gram_equals_naive_in_float32(noise):
     assert gram == pytest.approx(ref, rel=1e-5, abs=0) and naive == pytest.approx(ref, rel=1e-5, abs=0)
 
 
+def test_graph_two_channels_is_allowed_and_exact():
+    """C = 2 is the smallest graph (G divides by C - 1 = 1); one channel is refused."""
+    s, t = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4).relu() + 0.1
+    assert patch_graph_loss(s, t).item() == pytest.approx(ref_graph(s, t), rel=1e-5)
+    with pytest.raises(ValueError, match="C >= 2"):
+        patch_graph_loss(s[:, :1], t[:, :1])
+
+
+def test_module_needs_the_teacher():
+    from c2vkd.engine.loss_config import needs_teacher
+
+    assert VLFDLoss.requires_teacher is True and needs_teacher([{"name": "vlfd", "weight": 1.0}])
+
+
 def test_graph_identical_is_zero():
     t = torch.randn(2, 8, 3, 3)
     assert patch_graph_loss(t.clone(), t).item() == 0.0
