@@ -172,6 +172,16 @@ def test_torchscript_refused_unless_allowed(tmp_path):
     x = torch.randn(1, 2048, 7, 7)
     with torch.no_grad():
         torch.testing.assert_close(pool(x), model.visual.attnpool(x))
+    # the VLFD loss hands its allow_torchscript option to the loader (refused without it)
+    from c2vkd.losses import LossContext
+    from c2vkd.losses.vlfd import VLFDLoss
+
+    ctx = LossContext(num_classes=19, student_shapes={"feat": (2, 256, 4, 5)},
+                      teacher_shapes={"feat": (2, 2048, 8, 10)})
+    with pytest.raises(ValueError, match="TorchScript archive"):
+        VLFDLoss(ctx, clip_checkpoint=path)
+    vlfd = VLFDLoss(ctx, clip_checkpoint=path, allow_torchscript=True)
+    assert vlfd.clip_grounded and torch.equal(vlfd.pool.c_proj.weight, model.visual.attnpool.c_proj.weight)
 
 
 def test_reads_through_the_one_weight_reader(ref_pool, feat7, tmp_path):
