@@ -25,7 +25,7 @@ from c2vkd.config import load_config
 log = logging.getLogger(__name__)
 
 NOISE_FILE = Path(__file__).resolve().parents[1] / "assets" / "demo_noise.json"
-PROTOCOL_RESULTS = "benchmarks/results/camvid-p1/compare.md"
+PROTOCOL_RESULTS = "benchmarks/results/camvid-p2/compare.md"
 
 
 def run_demo(run_dir: str | Path = "runs/demo", overrides: Sequence[str] = (), *,
