@@ -307,6 +307,11 @@ def test_evaluate_golden_and_restores_on_error():
     model = Decoder().train()
     m = evaluate(model, _fake_loader(preds, labels), num_classes=K, device="cpu", progress=False)
     assert m.miou == pytest.approx(1 / 3) and m.acc == pytest.approx(0.6) and m.absent == [3]
+    # a dataset whose ignore value is not 255: the evaluation must use the one it is given
+    relabelled = torch.where(labels == IGNORE_INDEX, torch.full_like(labels, 200), labels)
+    m200 = evaluate(model, _fake_loader(preds, relabelled), num_classes=K, device="cpu", ignore_index=200,
+                    progress=False)
+    assert torch.equal(m200.confusion, m.confusion) and m200.num_pixels == 5
 
     bad = _fake_loader(preds, torch.full_like(labels, 9))
     with pytest.raises(ValueError, match="outside"):
