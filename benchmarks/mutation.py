@@ -53,7 +53,7 @@ DEFAULT_TESTS: dict[str, list[str]] = {
     "eval/inference.py": ["tests/test_inference.py"],
     "engine/schedule.py": ["tests/test_schedule.py", "tests/test_trainer_wiring.py"],
     "engine/trainer.py": ["tests/test_trainer_wiring.py", "tests/test_engine.py"],
-    "engine/distiller.py": ["tests/test_trainer_wiring.py", "tests/test_engine.py"],
+    "engine/distiller.py": ["tests/test_distiller.py", "tests/test_trainer_wiring.py", "tests/test_engine.py"],
 }
 
 _BINOPS = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.Pow: ast.Mult,

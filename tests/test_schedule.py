@@ -1,3 +1,5 @@
+import pytest
+
 from c2vkd.engine.schedule import lr_factor
 
 
@@ -16,3 +18,10 @@ def test_min_lr_and_power() -> None:
     assert abs(f * 2.0 - ((2.0 - 0.2) * 0.25 + 0.2)) < 1e-12
     vals = [lr_factor(s, iters=100, warmup_iters=0, power=0.9, base_lr=1.0) for s in range(101)]
     assert all(a >= b for a, b in zip(vals, vals[1:]))
+
+
+def test_boundaries_one_warmup_step_and_zero_lr():
+    """Mutation survivors: a one-step warm-up still scales step 0, and a zero base lr gives 0 (no division)."""
+    assert lr_factor(0, iters=10, warmup_iters=1, warmup_ratio=0.1) == pytest.approx(0.1)
+    assert lr_factor(1, iters=10, warmup_iters=1, warmup_ratio=0.1) == pytest.approx(0.9)
+    assert lr_factor(5, iters=10, base_lr=0.0) == 0.0
