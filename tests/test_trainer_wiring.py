@@ -252,6 +252,20 @@ def test_exact_resume_restores_optimizer_state_values(data_root: Path, tmp_path:
                                safe_load(tmp_path / "resumed/checkpoints/iter_0000004.pt"))
 
 
+def test_resume_restores_the_alignment_heads(data_root: Path, tmp_path: Path) -> None:
+    """A distillation run's loss heads (here FitNet's hint regressor) come back from the checkpoint on resume,
+    not re-initialised (mutation survivor: restore_training_state's loss_heads / scaler arguments swapped)."""
+    cfg = make_cfg(data_root, tmp_path, "train.ckpt_interval=2", "schedule.iters=2", "teacher.name=toy_cnn",
+                   "teacher.allow_random_init=true", "losses=[{name: fitnet, weight: 1.0}, {name: ce, weight: 1.0}]")
+    Trainer(cfg, run_dir=tmp_path / "straight").fit()
+    saved = safe_load(tmp_path / "straight/checkpoints/iter_0000002.pt")["loss_heads"]
+    assert saved and any("adapter" in k for k in saved)
+    t = Trainer(cfg, run_dir=tmp_path / "straight", resume="auto")
+    assert t.iteration == 2
+    live = t.model.losses.state_dict()
+    assert set(live) == set(saved) and all(torch.equal(live[k], saved[k]) for k in saved)
+
+
 # -------------------------------------------------------------------------------------------- bf16
 def test_amp_bf16_runs_a_real_training_step(data_root: Path, tmp_path: Path) -> None:
     t = Trainer(make_cfg(data_root, tmp_path, "train.amp=bf16", "schedule.iters=2"), run_dir=tmp_path / "bf")
