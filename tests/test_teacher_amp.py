@@ -82,5 +82,5 @@ def test_trainer_reads_teacher_amp(tmp_path):
     seen = {}
     tr.model.teacher.register_forward_hook(lambda m, i, o: seen.__setitem__("dtype", o.dtype))
     x, y = batch()
-    _, terms, _ = tr.model(x[:, :, :32, :32], y.clamp(max=10))
+    _, terms, _ = tr.model(x, y)  # 32x32, labels 0..4 of CamVid's 11 classes
     assert seen["dtype"] == torch.bfloat16 and torch.isfinite(terms["kd"])

@@ -13,7 +13,7 @@ the cached outputs of its views, which ``forward`` decodes in place of a teacher
 from __future__ import annotations
 
 import logging
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable
 
 import torch
@@ -132,15 +132,11 @@ class Distiller(nn.Module):
         t_feats: dict[str, torch.Tensor] = {}
         if self.teacher is not None:
             with torch.no_grad():
-                if self.teacher_autocast is None:
+                with self.teacher_autocast() if self.teacher_autocast is not None else nullcontext():
                     t_logits = self.teacher(images)
-                    if self.teacher_taps is not None:
-                        t_feats = self.teacher_taps.pop()
-                else:  # teacher.amp: its own precision, outputs back in the student's dtype for the losses
-                    with self.teacher_autocast():
-                        t_logits = self.teacher(images)
-                    if self.teacher_taps is not None:
-                        t_feats = self.teacher_taps.pop()
+                if self.teacher_taps is not None:
+                    t_feats = self.teacher_taps.pop()
+                if self.teacher_autocast is not None:  # teacher.amp: back in the student's dtype for the losses
                     t_logits = t_logits.to(s_logits.dtype)
                     t_feats = {k: v.to(s_logits.dtype) if torch.is_floating_point(v) else v
                                for k, v in t_feats.items()}
