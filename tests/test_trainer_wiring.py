@@ -252,6 +252,55 @@ def test_exact_resume_restores_optimizer_state_values(data_root: Path, tmp_path:
                                safe_load(tmp_path / "resumed/checkpoints/iter_0000004.pt"))
 
 
+def test_adamw_default_kernel_is_fused_and_matches_a_naive_update(data_root: Path, tmp_path: Path) -> None:
+    """optim.impl=auto picks torch's fused AdamW on CPU; each step equals the textbook decoupled-decay update."""
+    lr, wd, (b1, b2), eps, iters = 0.01, 0.05, (0.8, 0.95), 1e-8, 3
+    cfg = make_cfg(data_root, tmp_path, f"optim.lr={lr}", f"optim.weight_decay={wd}", f"optim.betas=[{b1}, {b2}]",
+                   f"schedule.iters={iters}")
+    t = Trainer(cfg, run_dir=tmp_path / "adamw")
+    assert all(g["fused"] for g in t.optimizer.param_groups)
+    spy = StepSpy(t, keep=True)
+    t.fit()
+    m = v = None
+    for k in range(iters):
+        lr_k = lr * (1 - k / iters)
+        ps, gs, qs = ([x for grp in lists[k] for x in grp] for lists in (spy.before, spy.grads, spy.after))
+        m = [g * (1 - b1) if m is None else b1 * mi + (1 - b1) * g for mi, g in zip(m or gs, gs)]
+        v = [g * g * (1 - b2) if v is None else b2 * vi + (1 - b2) * g * g for vi, g in zip(v or gs, gs)]
+        for p, mi, vi, q in zip(ps, m, v, qs):
+            step = (mi / (1 - b1 ** (k + 1))) / ((vi / (1 - b2 ** (k + 1))).sqrt() + eps)
+            torch.testing.assert_close(q, p * (1 - lr_k * wd) - lr_k * step, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_with_another_optimizer_kernel_uses_the_configured_one(data_root: Path, tmp_path: Path) -> None:
+    """A checkpoint saved with the foreach kernel resumed with optim.impl=fused (and back) runs the configured
+    kernel (torch would restore the saved flag) with the saved moments, and ends where the straight run does."""
+    base = ("train.ckpt_interval=2", "schedule.iters=4", "experiment.deterministic=true")
+    Trainer(make_cfg(data_root, tmp_path, *base, "optim.impl=foreach"), run_dir=tmp_path / "straight").fit()
+    for impl in ("fused", "foreach"):
+        run = tmp_path / f"resumed-{impl}"
+        (run / "checkpoints").mkdir(parents=True)
+        saved = tmp_path / "straight/checkpoints/iter_0000002.pt"
+        if impl == "foreach":  # saved by a fused run this time
+            Trainer(make_cfg(data_root, tmp_path, *base, "optim.impl=fused"),
+                    run_dir=tmp_path / "fused2").fit()
+            saved = tmp_path / "fused2/checkpoints/iter_0000002.pt"
+        for suffix in ("", ".sha256"):
+            (run / f"checkpoints/iter_0000002.pt{suffix}").write_bytes(Path(f"{saved}{suffix}").read_bytes())
+        t = Trainer(make_cfg(data_root, tmp_path, *base, f"optim.impl={impl}"), run_dir=run, resume="auto")
+        assert [bool(g["fused"]) for g in t.optimizer.param_groups] == [impl == "fused"] * len(t.optimizer.param_groups)
+        t.fit()
+        straight = safe_load(tmp_path / "straight/checkpoints/iter_0000004.pt")["student"]
+        resumed = safe_load(run / "checkpoints/iter_0000004.pt")["student"]
+        for k in straight:
+            torch.testing.assert_close(resumed[k], straight[k], rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_optimizer_kernel_is_a_clear_error(data_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="optim.impl must be one of auto, fused, foreach, got 'fast'"):
+        Trainer(make_cfg(data_root, tmp_path, "optim.impl=fast"), run_dir=tmp_path / "bad")
+
+
 def test_resume_restores_the_alignment_heads(data_root: Path, tmp_path: Path) -> None:
     """A distillation run's loss heads (here FitNet's hint regressor) come back from the checkpoint on resume,
     not re-initialised (mutation survivor: restore_training_state's loss_heads / scaler arguments swapped)."""

@@ -116,6 +116,9 @@ DEFAULTS: dict[str, Any] = {
         # frozen by AdamW's eps 1e-8: lower align_eps or raise align_lr_mult (see `c2vkd report`).
         "align_lr_mult": None,
         "align_eps": None,
+        # Optimizer kernel: auto (fused where torch has one for the parameters' device and dtype, else the
+        # multi-tensor one) | fused | foreach. Same update rule; fused is ~3x faster on CPU (AdamW, SegFormer-B0).
+        "impl": "auto",
     },
     "schedule": {
         "iters": 1000,

@@ -97,12 +97,25 @@ def resume_path(spec: str, ckpt_dir: Path, run_id: str | None) -> Path | None:
     return path
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict(state)``, keeping the live optimizer's kernel choice (fused / foreach).
+
+    torch restores those flags from the saved groups and places each state tensor by them (a fused step
+    counter lives on the parameter's device); a run resumed with another ``optim.impl`` than it was saved
+    with must get the configured kernel and state placed for it, so the flags are set before loading."""
+    live = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
+    saved_groups = state.get("param_groups", [])
+    if len(saved_groups) == len(live):
+        state = {**state, "param_groups": [{**g, **flags} for g, flags in zip(saved_groups, live)]}
+    optimizer.load_state_dict(state)
+
+
 def restore_training_state(state: dict[str, Any], *, student: nn.Module, loss_heads: nn.Module,
                            optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler) -> None:
     """Load a training checkpoint's student, loss heads (alignment heads, memory banks), optimizer, scheduler
     and scaler states into the live objects (RNG: :func:`c2vkd.engine.runtime.restore_rng`)."""
     student.load_state_dict(state["student"])
     loss_heads.load_state_dict(state["loss_heads"])
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])

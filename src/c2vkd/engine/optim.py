@@ -17,12 +17,15 @@ group's own initial lr by the same factor (:func:`c2vkd.engine.schedule.lr_facto
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from c2vkd.engine.schedule import lr_factor
+
+log = logging.getLogger("c2vkd")
 
 
 def param_groups(model: nn.Module, *, head_params: Iterable[nn.Parameter], lr: float,
@@ -74,14 +77,35 @@ def group_eps(optimizer: torch.optim.Optimizer, name: str) -> float | None:
     return None
 
 
+OPTIM_IMPLS = ("auto", "fused", "foreach")
+
+
 def build_optimizer(groups: list[dict[str, Any]], optim_cfg: dict[str, Any]) -> torch.optim.Optimizer:
-    """``optim.name``: ``adamw`` (betas, weight_decay) or ``sgd`` (momentum, weight_decay)."""
+    """``optim.name``: ``adamw`` (betas, weight_decay) or ``sgd`` (momentum, weight_decay); ``optim.impl``:
+    the kernel (``auto``: fused when torch supports it for every parameter's device and dtype, else foreach;
+    the choice is logged)."""
     o = optim_cfg
+    impl = o.get("impl", "auto")
+    if impl not in OPTIM_IMPLS:
+        raise ValueError(f"optim.impl must be one of {', '.join(OPTIM_IMPLS)}, got {impl!r}")
     if o["name"] == "adamw":
-        return torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
-    if o["name"] == "sgd":
-        return torch.optim.SGD(groups, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
-    raise ValueError(f"optim.name must be adamw or sgd, got {o['name']!r}")
+        cls, kw = torch.optim.AdamW, dict(lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
+    elif o["name"] == "sgd":
+        cls, kw = torch.optim.SGD, dict(lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
+    else:
+        raise ValueError(f"optim.name must be adamw or sgd, got {o['name']!r}")
+    if impl == "foreach":
+        return cls(groups, **kw)
+    try:
+        opt = cls(groups, fused=True, **kw)
+    except RuntimeError as e:  # torch: "`fused=True` requires all the params to be floating point Tensors of
+        if impl == "fused":    # supported devices: [...]"
+            raise ValueError(f"optim.impl=fused: torch has no fused {o['name']} for these parameters ({e}); "
+                             f"use optim.impl=auto or foreach") from e
+        log.info("optim.impl=auto: no fused %s kernel for these parameters (%s); using foreach", o["name"], e)
+        return cls(groups, **kw)
+    log.info("optimizer: %s, fused kernel", o["name"])
+    return opt
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule_cfg: dict[str, Any], base_lr: float,

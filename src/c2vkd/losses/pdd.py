@@ -98,14 +98,21 @@ def _blocks(shape: torch.Size, max_elems: int) -> Iterator[tuple[slice, slice]]:
 
 
 def _masked_stats(z: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """z [b, K, h, w] (owned: the target logit is overwritten with -inf in place), idx [b, 1, h, w].
+    """z [b, K, h, w] (owned: shifted in place to z' = z - m, m the per-pixel max over k != t, with the target
+    logit set to -inf), idx [b, 1, h, w].
 
-    Returns (lse_nt, log b_1, log b_2), each [b, 1, h, w]: logsumexp over k != t, log p_t, log(1 - p_t)."""
+    Returns (lse_nt, log b_1, log b_2, e, s), the first three and s [b, 1, h, w]: logsumexp over k != t,
+    log p_t, log(1 - p_t); e = exp(z') [b, K, h, w] (exactly 0 at t) and s = sum_k e, so p^ = e / s.
+    One exp per tensor: e serves both the log-sum-exp and the teacher's p^ (torch.logsumexp would redo it)."""
     z_t = z.gather(1, idx)
     z.scatter_(1, idx, -math.inf)
-    lse_nt = torch.logsumexp(z, dim=1, keepdim=True)
+    m = z.amax(dim=1, keepdim=True)            # over k != t: accurate log(1 - p_t) even when p_t rounds to 1
+    z.sub_(m)
+    e = z.exp()
+    s = e.sum(dim=1, keepdim=True)             # >= 1 (the max term is exp(0))
+    lse_nt = m + s.log()
     lse_all = torch.logaddexp(lse_nt, z_t)
-    return lse_nt, z_t - lse_all, lse_nt - lse_all
+    return lse_nt, z_t - lse_all, lse_nt - lse_all, e, s
 
 
 class _PDDFunction(torch.autograd.Function):
@@ -128,8 +135,8 @@ class _PDDFunction(torch.autograd.Function):
             if temperature != 1.0:
                 a.div_(temperature)
                 b.div_(temperature)
-            ls, lb1, lb2 = _masked_stats(a, i)
-            lt, lbt1, lbt2 = _masked_stats(b, i)
+            ls, lb1, lb2, _, sum_s = _masked_stats(a, i)      # a, b now hold z' = z - m (-inf at t)
+            lt, lbt1, lbt2, e_t, sum_t = _masked_stats(b, i)
             lq1, lq2 = _log_q(lbt1, lbt2, gt_mix)
             pixel = alpha * _tc(lb1, lb2, lq1, lq2, reverse)
             if reverse:
@@ -138,13 +145,11 @@ class _PDDFunction(torch.autograd.Function):
             else:
                 d = alpha * (lb2.exp() - lq2.exp())
             if beta:
-                # NC = sum_{k!=t} p^_T (log p^_T - log p^_S), in place on the two block copies
-                a.sub_(ls)                      # log p^_S (-inf at t)
-                b.sub_(lt)                      # log p^_T (-inf at t)
-                a.neg_().add_(b)                # log p^_T - log p^_S (NaN at t: -inf + inf)
-                a.scatter_(1, i, 0.0)           # ... the target is not part of p^
-                b.exp_()                        # p^_T (exactly 0 at t)
-                pixel = pixel + beta * a.mul_(b).sum(dim=1, keepdim=True)
+                # NC = sum_{k!=t} p^_T (log p^_T - log p^_S), log p^ = z' - log s, p^_T = e_t / s_T, sum p^_T = 1:
+                # NC = sum_k e_t (z'_T - z'_S) / s_T + log s_S - log s_T  (in place on the block copy b)
+                b.sub_(a).scatter_(1, i, 0.0)   # z'_T - z'_S; the target (-inf - -inf) is not part of p^
+                nc = b.mul_(e_t).sum(dim=1, keepdim=True) / sum_t + (sum_s.log() - sum_t.log())
+                pixel = pixel + beta * nc
             del a, b
             zero = torch.zeros((), dtype=cdt, device=s.device)
             total += torch.where(v, pixel, zero).sum()

@@ -1,0 +1,44 @@
+#!/bin/bash
+# One worker of a camvid-p2 run queue (benchmarks/protocol.md, "Running the queue"). Usage:
+#
+#   benchmarks/protocol_queue.sh QUEUE [WAIT_PID]
+#
+# Pops lines from QUEUE (a text file, shared by every worker, popped under flock) until it is empty:
+#   "SEED METHOD"  runs that camvid-p2 variant (`c2vkd compare ... --seeds SEED, --methods METHOD`) and commits
+#                  nothing: its record lands in $RESULTS/<method>/seed<k>.json for you to commit;
+#   "! COMMAND"    runs COMMAND with bash in the repository root (e.g. the demo-noise measurement).
+# WAIT_PID: start only after that process exits (to queue behind a run already going).
+#
+# Environment (defaults in brackets):
+#   CODE     [the repository root]  the source tree the runs import: point it at a git worktree pinned to one
+#            commit (git worktree add --detach ../bench HEAD) so every record says the same, clean revision
+#            whatever is edited meanwhile;
+#   PY       [$REPO/.venv/bin/python]  the interpreter with torch;
+#   DATA     [$REPO/../shared/data/camvid], CACHE [runs/p2_cache, relative to CODE], RESULTS
+#            [$REPO/benchmarks/results/camvid-p2], OUT [runs/p2, relative to CODE].
+# One torch thread per worker: on 2 cores run two workers (about 1.4x one two-thread run, measured).
+set -u
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+QUEUE=$(realpath "$1")
+CODE=${CODE:-$REPO}
+PY=${PY:-$REPO/.venv/bin/python}
+DATA=${DATA:-$REPO/../shared/data/camvid}
+CACHE=${CACHE:-runs/p2_cache}
+RESULTS=${RESULTS:-$REPO/benchmarks/results/camvid-p2}
+OUT=${OUT:-runs/p2}
+export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
+if [ -n "${2:-}" ]; then while kill -0 "$2" 2>/dev/null; do sleep 15; done; fi
+while true; do
+  job=$(flock "$QUEUE.lock" bash -c "head -n 1 '$QUEUE'; sed -i 1d '$QUEUE'")
+  [ -z "$job" ] && break
+  echo "$(date -u +%FT%TZ) start: $job"
+  if [ "${job:0:1}" = "!" ]; then
+    (cd "$REPO" && bash -c "${job:1}")
+  else
+    read -r seed method <<< "$job"
+    (cd "$CODE" && PYTHONPATH="$CODE/src" "$PY" -m c2vkd compare src/c2vkd/configs/recipes/camvid_p2.yaml \
+      --set "data.root=$DATA" --set "teacher.cache=$CACHE" --set train.progress=false --out "$OUT" \
+      --results "$RESULTS" --seeds "$seed," --methods "$method" --no-teacher-eval)
+  fi
+  echo "$(date -u +%FT%TZ) end (rc=$?): $job"
+done
