@@ -52,6 +52,42 @@ def test_gain_ratio_and_bootstrap() -> None:
     assert c1 == c2 and c1["ci95"][0] <= point <= c1["ci95"][1] and c1["ci95"][0] < c1["ci95"][1]
 
 
+def test_val_stats_golden() -> None:
+    from c2vkd.runners.compare_summary import val_stats
+    curve = [[250, 0.18], [500, 0.26], [750, 0.22], [1000, 0.22], [1250, 0.25], [1500, 0.26], [1750, 0.25],
+             [2000, 0.24]]
+    final, quarter = val_stats({"val_curve": curve[::-1]})       # order of the points does not matter
+    assert final == 0.24 and quarter == pytest.approx(0.24 - 0.26)   # last quarter starts at 1500 = 0.75 x 2000
+    assert val_stats({"val_curve": [[100, 0.2], [160, 0.3]]}) == (0.3, pytest.approx(0.1))   # 100 <= 120
+    assert val_stats({"val_curve": [[200, 0.3]]}) == (0.3, None)
+    assert val_stats({}) == (None, None)
+
+
+def _record(miou: float, val_final: float, val_start: float = 0.0) -> dict:
+    return {"miou": miou, "iou": [miou], "wall_s": 1.0, "val_curve": [[3, val_start], [4, val_final]]}
+
+
+def test_summary_pairs_the_gain_ratio_and_recommends_on_val() -> None:
+    from c2vkd.runners.compare_summary import format_markdown, summarize
+    results = {"none": {0: _record(0.30, 0.28), 1: _record(0.36, 0.30)},   # seed 1 only for none: unpaired
+               "kd": {0: _record(0.32, 0.33)},
+               "c2vkd": {0: _record(0.33, 0.31, val_start=0.30)},
+               "c2vkd-balanced": {0: _record(0.35, 0.29)}}
+    s = summarize(results, ["a"])
+    # unpaired means would give none 0.33 and kd a negative gain; on the common seed 0: gains 0.02, 0.03, 0.05
+    assert s["ratio_seeds"] == [0] and s["ratio_best_prior"] == "kd"
+    assert s["gain_ratio"]["c2vkd"] == pytest.approx(1.5) and s["gain_ratio"]["c2vkd-balanced"] == pytest.approx(2.5)
+    # chosen on val, not test: c2vkd (val 0.31) over c2vkd-balanced (test 0.35 but val 0.29); kd best on val
+    assert s["recommended"]["method"] == "c2vkd" and s["recommended"]["best_on_val"] == "kd"
+    assert s["methods"]["c2vkd"]["val_final_mean"] == 0.31
+    assert s["methods"]["c2vkd"]["val_last_quarter_gain_mean"] == pytest.approx(0.01)
+    assert s["methods"]["none"]["val_final_mean"] == pytest.approx(0.29)
+    md = format_markdown(s, title="t")
+    assert "Recommended C2VKD preset (chosen on val: mean final val mIoU over seeds): **c2vkd**" in md
+    assert "| c2vkd | 33.00 | 0.00 | 1 | +0.00 | +3.00 (1 seed) | 33.00 | 31.00 | +1.00 | 1 s |" in md
+    assert "Gain ratio c2vkd-balanced / best prior: 2.50 (> 2: claim holds here)." in md
+
+
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cmpres")

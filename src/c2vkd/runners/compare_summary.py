@@ -8,13 +8,25 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from c2vkd.runners.results import bootstrap_ratio_ci, is_c2vkd, paired_difference
+from c2vkd.runners.results import bootstrap_ratio_ci, gain_ratio, is_c2vkd, paired_difference
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return mean, std
+
+
+def val_stats(record: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(final val mIoU, its gain over the last quarter of training) of one record's validation curve
+    ``[[iteration, mIoU], ...]``; the last-quarter start is the last evaluation at or before 75% of the last
+    evaluated iteration. (None, None) without a curve, (final, None) with a single point."""
+    curve = sorted((int(i), float(v)) for i, v in record.get("val_curve") or [])
+    if not curve:
+        return None, None
+    last_it, final = curve[-1]
+    before = [v for i, v in curve if i <= 0.75 * last_it]
+    return final, (final - before[-1]) if before else None
 
 
 def summarize(results: dict[str, dict[int, dict[str, Any]]], class_names: list[str],
@@ -30,11 +42,24 @@ def summarize(results: dict[str, dict[int, dict[str, Any]]], class_names: list[s
         ious = [r["iou"] for r in per_seed.values() if r.get("iou")]
         per_class = [statistics.fmean([v for v in col if v is not None]) if any(v is not None for v in col) else None
                      for col in zip(*ious)] if ious else []
+        vals = [val_stats(r) for r in per_seed.values()]
+        finals = [f for f, _ in vals if f is not None]
+        quarters = [q for _, q in vals if q is not None]
         methods[m] = {"miou_mean": mean, "miou_std": std, "miou_per_seed": {str(s): r["miou"] for s, r in per_seed.items()},
                       "seeds": len(mious), "per_class_iou": per_class,
+                      "val_final_mean": statistics.fmean(finals) if finals else None,
+                      "val_last_quarter_gain_mean": statistics.fmean(quarters) if quarters else None,
                       "wall_s_mean": statistics.fmean([r["wall_s"] for r in per_seed.values()])}
     base = methods.get("none")
     summary: dict[str, Any] = {"methods": methods, "class_names": class_names, "teacher": teacher}
+    on_val = {m: r["val_final_mean"] for m, r in methods.items() if r["val_final_mean"] is not None}
+    ours_on_val = {m: v for m, v in on_val.items() if is_c2vkd(m)}
+    if ours_on_val:
+        # Settings are chosen on val, never on test: the C2VKD preset to recommend (and to put in the demo)
+        # is the one with the best mean final val mIoU; the best method overall on val is said beside it.
+        summary["recommended"] = {"method": max(ours_on_val, key=lambda m: ours_on_val[m]),
+                                  "best_on_val": max(on_val, key=lambda m: on_val[m]),
+                                  "by": "mean final val mIoU over seeds"}
     if base is None:
         summary["note"] = "no 'none' (student without KD) variant: gains are not defined"
         return summary
@@ -47,18 +72,17 @@ def summarize(results: dict[str, dict[int, dict[str, Any]]], class_names: list[s
     ratios: dict[str, Any] = {}
     if priors:
         best = max(priors, key=lambda m: priors[m]["miou_mean"])
-        best_gain = priors[best]["gain"]
         summary["best_prior"] = best
-        for m, rec in methods.items():
-            if not is_c2vkd(m):
-                continue
-            if best_gain > 0:
-                ratios[m] = rec["gain"] / best_gain
-            else:
-                # A ratio over a non-positive denominator is meaningless; report it as undefined.
-                ratios[m] = None
-        summary["gain_ratio"] = ratios
+        # The ratio is taken on the seeds every method has (paired; while records accumulate, methods may hold
+        # different seeds and their means would not be comparable); the best prior is chosen on those seeds.
+        # None (undefined) when the best prior gain is <= 0: a ratio over it is meaningless.
         common = sorted(set.intersection(*[set(v) for v in per_seed.values() if v]))
+        best_on_common = None
+        for m in methods:
+            if is_c2vkd(m):
+                ratios[m], best_on_common = gain_ratio(per_seed, m, common) if common else (None, None)
+        summary["gain_ratio"] = ratios
+        summary["ratio_best_prior"] = best_on_common
         summary["gain_ratio_ci"] = {m: bootstrap_ratio_ci(per_seed, m, common) for m in ratios}
         summary["ratio_seeds"] = common
         summary["claim"] = ("(mIoU_c2vkd - mIoU_none) / (mIoU_best_prior - mIoU_none) > 2 "
@@ -75,8 +99,9 @@ def format_markdown(summary: dict[str, Any], *, title: str, command: str | None 
         lines += [f"Teacher ({t['name']}, evaluated, not trained by this compare): "
                   f"mIoU {100 * t['miou']:.2f} on {t['split']}", ""]
     lines += ["| method | mIoU mean | std | seeds | gain vs none | paired diff vs none [95% CI] | per-seed | "
-              "wall time / run |",
-              "|---|---:|---:|---:|---:|---|---|---:|"]
+              "val final | val last-quarter gain | wall time / run |",
+              "|---|---:|---:|---:|---:|---|---|---:|---:|---:|"]
+    pct = lambda v, sign="": "" if v is None else f"{100 * v:{sign}.2f}"  # noqa: E731
     for m, r in summary["methods"].items():
         gain = r.get("gain")
         per_seed = ", ".join(f"{100 * v:.2f}" for v in r["miou_per_seed"].values())
@@ -91,11 +116,20 @@ def format_markdown(summary: dict[str, Any], *, title: str, command: str | None 
             paired = f"{100 * pd['mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]{noise}"
         lines.append(f"| {m} | {100 * r['miou_mean']:.2f} | {100 * r['miou_std']:.2f} | {r['seeds']} | "
                      f"{'' if gain is None else f'{100 * gain:+.2f}'} | {paired} | {per_seed} | "
+                     f"{pct(r.get('val_final_mean'))} | {pct(r.get('val_last_quarter_gain_mean'), '+')} | "
                      f"{r['wall_s_mean']:.0f} s |")
     lines.append("")
+    rec = summary.get("recommended")
+    if rec:
+        lines += [f"Recommended C2VKD preset (chosen on val: {rec['by']}): **{rec['method']}**; best method on "
+                  f"val overall: {rec['best_on_val']}. Val final / last-quarter gain: the last validation mIoU and "
+                  "its change over the last quarter of training (near 0: the student is near its plateau).", ""]
     if "best_prior" in summary:
         lines.append(f"Best prior KD method: **{summary['best_prior']}** "
                      f"(gain {100 * summary['methods'][summary['best_prior']]['gain']:+.2f} mIoU).")
+        seeds = summary.get("ratio_seeds") or []
+        lines.append(f"Gain ratios on the seeds every method has ({', '.join(map(str, seeds)) or 'none'}; best "
+                     f"prior on those seeds: {summary.get('ratio_best_prior')}):")
         for m, ratio in summary.get("gain_ratio", {}).items():
             txt = "undefined (best prior gain <= 0)" if ratio is None else f"{ratio:.2f}"
             verdict = "" if ratio is None else (" (> 2: claim holds here)" if ratio > 2 else " (<= 2: claim not met here)")
