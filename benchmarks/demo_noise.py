@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_METHOD = "c2vkd"
 
 
 def main(argv: list[str] | None = None) -> int:
     from c2vkd.runners.compare import code_revision, run_compare
     from c2vkd.data import sample_root
-    from c2vkd.runners.demo import NOISE_FILE, run_demo
+    from c2vkd.runners.demo import DEMO_METHOD, NOISE_FILE, run_demo
     from c2vkd.utils.logging import setup_logging
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

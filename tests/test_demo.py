@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from c2vkd.cli import main
+from c2vkd.runners.demo import DEMO_METHOD
 
 
 @pytest.mark.slow
@@ -27,10 +28,10 @@ def test_demo_runs_all_stages_and_resumes(tmp_path: Path, capsys: pytest.Capture
     assert rows["student + C2VKD"]["model"] == rows["student, no KD"]["model"] == "segformer_b0"
     assert rows["teacher (no KD)"]["params"] > 3 * rows["student, no KD"]["params"]
     # the table's student numbers are the runs' own final test evaluations
-    for label, m in (("student, no KD", "none"), ("student + C2VKD", "c2vkd")):
+    for label, m in (("student, no KD", "none"), ("student + C2VKD", DEMO_METHOD)):
         final = json.loads((run / "students" / m / "seed0" / "eval_test.json").read_text())
         assert rows[label]["miou"] == pytest.approx(final["miou"], abs=1e-9)
-    cfg = (run / "students/c2vkd/seed0/config.yaml").read_text()
+    cfg = (run / f"students/{DEMO_METHOD}/seed0/config.yaml").read_text()
     assert "pdd" in cfg and "vlfd" in cfg and str(run / "teacher" / "student.safetensors") in cfg
     assert "pdd" not in (run / "students/none/seed0/config.yaml").read_text()
     # rerunning skips every finished stage (no new checkpoints are written)
@@ -45,7 +46,24 @@ def test_demo_verdict_uses_the_measured_noise(tmp_path: Path) -> None:
     assert load_noise(tmp_path / "missing.json") is None
     text = format_verdict(0.004, None)
     assert "+0.40 mIoU" in text and "has not been measured" in text and "benchmarks/protocol.md" in text
-    noise = {"method": "c2vkd", "seeds": [0, 1, 2], "paired_mean": 0.001, "paired_sd": 0.005, "noise_band": 0.0098}
+    noise = {"method": DEMO_METHOD, "seeds": [0, 1, 2], "paired_mean": 0.001, "paired_sd": 0.005, "noise_band": 0.0098}
     inside = format_verdict(-0.009, noise)
     assert "-0.90 mIoU" in inside and "+/-0.98 mIoU is noise" in inside and "within the noise" in inside
     assert "larger than the noise" in format_verdict(0.0099, noise)
+    stale = format_verdict(0.05, {**noise, "method": "some-other-preset"})
+    assert "is for the preset 'some-other-preset', not the demo's" in stale
+    assert "within the noise" not in stale and "larger than the noise" not in stale
+
+
+def test_demo_config_and_noise_measurement_use_the_demo_preset() -> None:
+    """demo.yaml (what `c2vkd train demo.yaml` trains) inherits the preset the demo compares, and the stored
+    noise measurement, when there is one, was made for that preset."""
+    import yaml
+
+    from c2vkd.config import PACKAGE_CONFIGS
+    from c2vkd.runners.demo import load_noise
+
+    base = yaml.safe_load((PACKAGE_CONFIGS / "demo.yaml").read_text())["_base_"]
+    assert f"methods/{DEMO_METHOD}.yaml" in base
+    noise = load_noise()
+    assert noise is None or noise["method"] == DEMO_METHOD
