@@ -202,3 +202,52 @@ def test_reads_through_the_one_weight_reader(ref_pool, feat7, tmp_path):
     ema.with_name("ema.pt.sha256").write_text("0" * 64 + "  ema.pt\n")
     with pytest.raises(ValueError, match="truncated or corrupt.*checksum"):
         load_clip_attnpool(str(ema))
+
+
+def _naive_pool(pool: AttentionPool2d, x: torch.Tensor) -> torch.Tensor:
+    """CLIP's formulation, literally: every token through q/k/v, full multi-head self-attention over the
+    (mean, pixels) sequence + positional embedding, then the mean token's output."""
+    b, c, h, w = x.shape
+    tokens = x.flatten(2).permute(2, 0, 1)                                   # [hw, B, C]
+    tokens = torch.cat([tokens.mean(dim=0, keepdim=True), tokens], dim=0)
+    tokens = tokens + pool.pos_embed(h, w)[:, None, :].to(x.dtype)
+    out, _ = torch.nn.functional.multi_head_attention_forward(
+        query=tokens, key=tokens, value=tokens, embed_dim_to_check=c, num_heads=pool.num_heads,
+        q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+        in_proj_weight=None, in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=pool.c_proj.weight,
+        out_proj_bias=pool.c_proj.bias, use_separate_proj_weight=True, training=False, need_weights=False)
+    return out[0]
+
+
+@pytest.mark.parametrize("hw", [(7, 7), (8, 8), (5, 9)])
+def test_folded_single_query_pool_equals_full_attention_value_and_gradient(hw):
+    """The pool folds W_k / W_v into the one query: same value and input gradient as CLIP's full attention."""
+    torch.manual_seed(3)
+    pool = AttentionPool2d(spacial_dim=7, embed_dim=64, num_heads=8, output_dim=32).double().eval()
+    x = torch.randn(3, 64, *hw, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    out, ref = pool(x), _naive_pool(pool, x_ref)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    (ref * g).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():                                   # the no-grad path (the teacher side) writes in place
+        torch.testing.assert_close(pool(x), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_resized_positional_table_is_reused_until_the_table_changes():
+    torch.manual_seed(4)
+    pool = AttentionPool2d(spacial_dim=7, embed_dim=32, num_heads=4).eval().requires_grad_(False)
+    x = torch.randn(2, 32, 8, 8)
+    first = pool.pos_embed(8, 8)
+    assert pool.pos_embed(8, 8) is first                     # cached: the bicubic resize runs once per size
+    with torch.no_grad():
+        pool.positional_embedding.mul_(2.0)                  # in place (as load_state_dict does): not stale
+    torch.testing.assert_close(pool(x), _naive_pool(pool, x))
+    assert pool.pos_embed(8, 8) is not first
+    pool.load_state_dict({k: v * 0.5 if k == "positional_embedding" else v for k, v in pool.state_dict().items()})
+    torch.testing.assert_close(pool(x), _naive_pool(pool, x))
+    trained = AttentionPool2d(spacial_dim=7, embed_dim=32, num_heads=4)   # a trainable table is never cached
+    assert trained.pos_embed(8, 8) is not trained.pos_embed(8, 8)

@@ -87,6 +87,7 @@ class AttentionPool2d(nn.Module):
         self.v_proj = nn.Linear(embed_dim, embed_dim)
         self.c_proj = nn.Linear(embed_dim, self.output_dim)
         self._logged_sizes: set[tuple[int, int]] = set()
+        self._pe_cache: dict[tuple, tuple[tuple[int, int], torch.Tensor]] = {}
 
     @classmethod
     def from_arch(cls, arch: str) -> "AttentionPool2d":
@@ -100,6 +101,13 @@ class AttentionPool2d(nn.Module):
         pe = self.positional_embedding
         if (h, w) == (s, s):
             return pe
+        # The resize is a pure function of the (frozen, in VLFD) table: reuse it while the table is unchanged
+        # (same storage, same in-place version). Not cached while it is being trained (autograd needs the op).
+        cacheable = not (pe.requires_grad and torch.is_grad_enabled())
+        key = (h, w, pe.device, pe.dtype)
+        hit = self._pe_cache.get(key) if cacheable else None
+        if hit is not None and hit[0] == (pe.data_ptr(), pe._version):
+            return hit[1]
         if (h, w) not in self._logged_sizes:
             self._logged_sizes.add((h, w))
             logger.info("CLIP attention pool: resizing the %dx%d positional grid to %dx%d "
@@ -107,24 +115,42 @@ class AttentionPool2d(nn.Module):
         grid = pe[1:].float().reshape(1, s, s, -1).permute(0, 3, 1, 2)  # [1, C, s, s]
         grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
         grid = grid.permute(0, 2, 3, 1).reshape(h * w, -1).to(pe.dtype)
-        return torch.cat([pe[:1], grid], dim=0)
+        out = torch.cat([pe[:1], grid], dim=0)
+        if cacheable:
+            self._pe_cache[key] = ((pe.data_ptr(), pe._version), out)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, C, h, w] -> [B, output_dim]."""
         b, c, h, w = x.shape
         if c != self.embed_dim:
             raise ValueError(f"AttentionPool2d expects {self.embed_dim} channels, got {c} (input {tuple(x.shape)})")
-        tokens = x.flatten(2).transpose(1, 2)                                  # [B, hw, C]
-        tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)  # [B, hw + 1, C]
-        tokens = tokens + self.pos_embed(h, w).to(tokens.dtype)
+        # tokens in channel-first layout [B, C, L = hw + 1] (mean token first), written in one pass: no transpose
+        pe = self.pos_embed(h, w).to(x.dtype).T                                 # [C, L]
+        flat = x.flatten(2)
+        first = (flat.mean(dim=2) + pe[:, 0]).unsqueeze(2)
+        if torch.is_grad_enabled() and (x.requires_grad or pe.requires_grad):
+            tokens = torch.cat([first, flat + pe[:, 1:]], dim=2)                 # autograd: no out=
+        else:
+            tokens = torch.empty(b, c, h * w + 1, dtype=x.dtype, device=x.device)
+            torch.add(flat, pe[:, 1:], out=tokens[:, :, 1:])
+            tokens[:, :, :1] = first
         nh, hd = self.num_heads, c // self.num_heads
-        # Only the first (mean) token's output is used, so it is the only query: attention rows are
-        # independent, so this equals CLIP's full self-attention followed by x[0], at 1/(hw+1) of the cost.
-        q = self.q_proj(tokens[:, :1]).reshape(b, 1, nh, hd).transpose(1, 2)       # [B, nh, 1, hd]
-        k = self.k_proj(tokens).reshape(b, h * w + 1, nh, hd).transpose(1, 2)      # [B, nh, L, hd]
-        v = self.v_proj(tokens).reshape(b, h * w + 1, nh, hd).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)                              # scale 1/sqrt(hd)
-        return self.c_proj(out.transpose(1, 2).reshape(b, c))
+        # Only the first (mean) token's output is used, so it is the only query (attention rows are independent:
+        # this equals CLIP's full self-attention followed by x[0]). With one query per head the key and value
+        # projections fold into it exactly, so no token is projected through W_k or W_v:
+        #   score_j = q_h . (W_k,h x_j + b_k,h) / sqrt(hd) = (W_k,h^T q_h) . x_j / sqrt(hd) + const_h
+        #   (the constant cancels in the softmax), and  sum_j a_j (W_v,h x_j + b_v,h) = W_v,h (sum_j a_j x_j) + b_v,h
+        # since the weights sum to 1. Cost per image: ~4 L C nh + 2 C^2 multiply-adds instead of 2 L C^2 + C^2
+        # (L = hw + 1 tokens): C / (2 nh) = 8x (RN101-shaped on a 512-channel teacher) to 32x (CLIP RN101) less.
+        q = self.q_proj(tokens[:, :, 0]).reshape(b, nh, hd)                         # [B, nh, hd]
+        w_k = self.k_proj.weight.reshape(nh, hd, c)
+        w_v = self.v_proj.weight.reshape(nh, hd, c)
+        u = torch.einsum("bhd,hdc->bhc", q, w_k) * hd ** -0.5                      # [B, nh, C]
+        attn = torch.bmm(u, tokens).softmax(dim=-1)                                # [B, nh, L]
+        pooled = torch.bmm(attn, tokens.transpose(1, 2))                           # [B, nh, C]
+        out = torch.einsum("bhc,hdc->bhd", pooled, w_v) + self.v_proj.bias.reshape(nh, hd)
+        return self.c_proj(out.reshape(b, c))
 
 
 # ----------------------------------------------------------------------------------------------- loading
