@@ -115,9 +115,11 @@ def patch_graph_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, 
     batch, cross-image pairs included. float32 compute (float64 stays float64); teacher detached.
 
     exact_mode 'naive' builds both N x N matrices (O(N^2) memory). 'gram' (default) computes the same value
-    with C x C matrices only, using A = X_T, B = X_S, P = A + B, D = A - B and
+    in O(C^2) memory, using A = X_T, B = X_S, P = A + B, D = A - B and
         A A^T - B B^T = (P D^T + D P^T) / 2
-        ||A A^T - B B^T||_F^2 = ( <P^T P, D^T D> + <D^T P, (D^T P)^T> ) / 2.
+        ||A A^T - B B^T||_F^2 = ( <P^T P, D^T D> + <D^T P, (D^T P)^T> ) / 2     (C x C products),
+    or, when N^2 <= 3 C^2 (few pixels, wide features: camvid-p2's N = C = 512), through M = P D^T directly:
+    ||(M + M^T) / 2||_F^2 = (||M||^2 + <M, M^T>) / 2 -- one N x N product instead of three C x C ones.
     This is algebraically equal to the textbook ||A^T A||^2 - 2 ||A^T B||^2 + ||B^T B||^2, but every product
     carries the factor D, so it does not cancel catastrophically when student and teacher are close (the
     three-term form loses all float32 digits there; see tests/test_vlfd.py and benchmarks/bench_losses.py).
@@ -151,6 +153,13 @@ def patch_graph_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, 
                              "features and build the global N x N matrices)")
         return ((a @ a.T - b @ b.T) / norm).pow(2).mean()
     p, d = a + b, a - b
+    if not distributed and n * n <= 3 * c * c:
+        # Few rows: the same identity in row space is cheaper (one N x N product, N^2 C multiply-adds, vs the
+        # three C x C ones, 3 N C^2) and no larger than them ([N, N] <= [3, C, C]). It keeps the factor D too:
+        # A A^T - B B^T = (M + M^T) / 2 with M = P D^T, and ||(M + M^T) / 2||_F^2 = (||M||^2 + <M, M^T>) / 2.
+        m = p @ d.T
+        sq_norm = 0.5 * (m * m).sum() + 0.5 * (m * m.T).sum()
+        return sq_norm / norm ** 2 / n / n
     prods = torch.stack([p.T @ p, d.T @ d, d.T @ p])            # [3, C, C], each a sum over rows
     if distributed:
         from torch.distributed.nn.functional import all_reduce
