@@ -204,20 +204,19 @@ def test_reads_through_the_one_weight_reader(ref_pool, feat7, tmp_path):
         load_clip_attnpool(str(ema))
 
 
-def _naive_pool(pool: AttentionPool2d, x: torch.Tensor) -> torch.Tensor:
-    """CLIP's formulation, literally: every token through q/k/v, full multi-head self-attention over the
-    (mean, pixels) sequence + positional embedding, then the mean token's output."""
-    b, c, h, w = x.shape
-    tokens = x.flatten(2).permute(2, 0, 1)                                   # [hw, B, C]
-    tokens = torch.cat([tokens.mean(dim=0, keepdim=True), tokens], dim=0)
-    tokens = tokens + pool.pos_embed(h, w)[:, None, :].to(x.dtype)
-    out, _ = torch.nn.functional.multi_head_attention_forward(
-        query=tokens, key=tokens, value=tokens, embed_dim_to_check=c, num_heads=pool.num_heads,
-        q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
-        in_proj_weight=None, in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
-        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=pool.c_proj.weight,
-        out_proj_bias=pool.c_proj.bias, use_separate_proj_weight=True, training=False, need_weights=False)
-    return out[0]
+def _load_bench():
+    """benchmarks/bench_clip_pool.py, loaded by path: its ``naive_pool`` (CLIP's literal full multi-head
+    attention) is the reference here too, written once."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_clip_pool.py"
+    spec = importlib.util.spec_from_file_location("bench_clip_pool", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_naive_pool = _load_bench().naive_pool
 
 
 @pytest.mark.parametrize("hw", [(7, 7), (8, 8), (5, 9)])
