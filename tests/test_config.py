@@ -162,3 +162,18 @@ def test_yaml_scalars_follow_yaml_1_2(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path / "s2.yaml", "losses: [{name: cwd, on: features}]\n"))
     assert cfg["losses"][0]["on"] == "features"  # YAML 1.1 would read `on` as True
     assert load_config(None, ["train.progress=false"])["train"]["progress"] is False
+
+
+def test_a_method_layer_owns_balance(tmp_path):
+    """An experiment inheriting a balanced preset, with another preset layered on (as `c2vkd compare` does):
+    the layer's own balance applies (here none), not the experiment's."""
+    from c2vkd.config import load_config
+
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("_base_: [methods/c2vkd-balanced.yaml]\n")
+    assert load_config(exp)["balance"]["mode"] == "grad_norm"
+    none = load_config(exp, layers=["methods/none.yaml"])
+    assert none["balance"]["mode"] == "off" and none["balance"]["targets"] == {}
+    assert load_config(exp, layers=["methods/c2vkd-balanced.yaml"])["balance"]["mode"] == "grad_norm"
+    # --set still wins over the layer
+    assert load_config(exp, ["balance.mode=off"], layers=["methods/c2vkd-balanced.yaml"])["balance"]["mode"] == "off"

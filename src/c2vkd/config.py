@@ -435,11 +435,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, *,
     """Load a YAML experiment (or only DEFAULTS when path is None), apply --set overrides, validate.
 
     ``layers`` are further YAML files merged after the experiment and before the overrides (``c2vkd compare``
-    layers a method preset such as ``methods/kd.yaml`` on top of the experiment this way)."""
+    layers a method preset such as ``methods/kd.yaml`` on top of the experiment this way); each layer starts
+    from the default ``balance`` (the preset sets its own, as it sets its ``losses``)."""
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
         cfg = merge(cfg, _load_with_bases(resolve_config_path(path)))
     for layer in layers or []:
+        # A method preset owns the method: its losses (a list, so replaced anyway) and its loss balancing. The
+        # experiment's own `balance` (e.g. inherited from a balanced preset) must not leak into another method.
+        cfg["balance"] = copy.deepcopy(DEFAULTS["balance"])
         cfg = merge(cfg, _load_with_bases(resolve_config_path(layer)))
     if overrides:
         cfg = apply_overrides(cfg, overrides)
