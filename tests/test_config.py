@@ -177,3 +177,35 @@ def test_a_method_layer_owns_balance(tmp_path):
     assert load_config(exp, layers=["methods/c2vkd-balanced.yaml"])["balance"]["mode"] == "grad_norm"
     # --set still wins over the layer
     assert load_config(exp, ["balance.mode=off"], layers=["methods/c2vkd-balanced.yaml"])["balance"]["mode"] == "off"
+
+
+def test_balance_belongs_to_the_file_that_sets_losses(tmp_path, caplog):
+    """`_base_: [balanced experiment, methods/kd.yaml]`: kd's file sets losses and no balance, so the balanced
+    experiment's grad-norm targets (which name VLFD's terms) are dropped, loudly; a file that repeats
+    `balance:` keeps it, and a file that sets neither inherits both."""
+    import logging
+
+    from c2vkd.config import DEFAULTS, load_config
+
+    bal = tmp_path / "bal.yaml"
+    bal.write_text("_base_: [methods/c2vkd-balanced.yaml]\nschedule: {iters: 7}\n")
+    kd = tmp_path / "kd_on_bal.yaml"
+    kd.write_text("_base_: [bal.yaml, methods/kd.yaml]\n")
+    with caplog.at_level(logging.INFO, logger="c2vkd"):
+        cfg = load_config(kd)
+    assert cfg["balance"] == DEFAULTS["balance"] and "kd" in [e["name"] for e in cfg["losses"]]
+    assert cfg["schedule"]["iters"] == 7  # everything else still inherited
+    assert any("sets losses without balance" in r.getMessage() and "kd.yaml" in r.getMessage()
+               for r in caplog.records)
+    # the same, with the losses in the file itself
+    own = tmp_path / "own.yaml"
+    own.write_text("_base_: bal.yaml\nlosses: [{name: ce, weight: 1.0}]\n")
+    assert load_config(own)["balance"]["mode"] == "off"
+    # repeating balance keeps it; setting neither losses nor balance inherits the balanced method whole
+    keep = tmp_path / "keep.yaml"
+    keep.write_text("_base_: bal.yaml\nlosses: [{name: ce, weight: 1.0}]\nbalance: {mode: grad_norm, "
+                    "targets: {ce: 0.5}}\n")
+    assert load_config(keep)["balance"]["targets"] == {"ce": 0.5}
+    assert load_config(keep)["balance"]["interval"] == DEFAULTS["balance"]["interval"]
+    assert load_config(bal)["balance"]["targets"] == {"vlfd_global": 0.1, "vlfd_patch": 0.1,
+                                                      "vlfd_linguistic": 0.1}

@@ -10,10 +10,16 @@ Resolution order: DEFAULTS <- base files (depth first, in list order) <- the fil
 Dicts merge key by key; lists and scalars replace. ``_base_`` paths are relative to the including file; a
 bare name such as ``methods/c2vkd-paper.yaml`` that does not exist there is looked up in the configs shipped
 with the package (``c2vkd/configs``), so user configs can inherit the presets without copying them.
+
+``balance`` belongs to the method, like ``losses``: a file (or a ``c2vkd compare`` layer) that sets ``losses``
+starts from the default ``balance`` (off) plus its own ``balance`` section, if any, so
+``_base_: [demo.yaml, methods/kd.yaml]`` trains kd unbalanced even when demo.yaml inherits a balanced preset;
+a balance dropped this way is logged.
 """
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -21,6 +27,8 @@ from typing import Any
 import yaml
 
 from c2vkd.registry import suggest
+
+log = logging.getLogger("c2vkd")
 
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"
 
@@ -256,9 +264,22 @@ def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         bp = resolve_config_path(b, relative_to=path.parent)
         base_cfg = _load_with_bases(bp, (*seen, path))
         validate(base_cfg, source=str(bp), partial=True)
-        merged = merge(merged, base_cfg)
+        merged = merge_method_layer(merged, base_cfg, source=str(bp))
     validate(data, source=str(path), partial=True)
-    return merge(merged, data)
+    return merge_method_layer(merged, data, source=str(path))
+
+
+def merge_method_layer(base: dict[str, Any], layer: dict[str, Any], *, source: str) -> dict[str, Any]:
+    """``merge(base, layer)``, except that a layer setting ``losses`` defines the method anew: the inherited
+    ``balance`` (tuned for other terms: its targets name another method's losses) is dropped, and the layer's
+    own ``balance``, if any, starts from the defaults instead of merging into it. A non-default balance dropped
+    without replacement is logged."""
+    if "losses" in layer and "balance" in base:
+        if "balance" not in layer and merge(DEFAULTS["balance"], base["balance"]) != DEFAULTS["balance"]:
+            log.info("%s sets losses without balance: the inherited balance %s is dropped (balance belongs to "
+                     "the method; repeat it under `balance:` in %s to keep it)", source, base["balance"], source)
+        base = {k: v for k, v in base.items() if k != "balance"}
+    return merge(base, layer)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -435,16 +456,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, *,
     """Load a YAML experiment (or only DEFAULTS when path is None), apply --set overrides, validate.
 
     ``layers`` are further YAML files merged after the experiment and before the overrides (``c2vkd compare``
-    layers a method preset such as ``methods/kd.yaml`` on top of the experiment this way); each layer starts
-    from the default ``balance`` (the preset sets its own, as it sets its ``losses``)."""
+    layers a method preset such as ``methods/kd.yaml`` on top of the experiment this way); a layer that sets
+    ``losses`` starts from the default ``balance`` unless it sets its own (:func:`merge_method_layer`)."""
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
         cfg = merge(cfg, _load_with_bases(resolve_config_path(path)))
     for layer in layers or []:
-        # A method preset owns the method: its losses (a list, so replaced anyway) and its loss balancing. The
-        # experiment's own `balance` (e.g. inherited from a balanced preset) must not leak into another method.
-        cfg["balance"] = copy.deepcopy(DEFAULTS["balance"])
-        cfg = merge(cfg, _load_with_bases(resolve_config_path(layer)))
+        # A method preset owns the method: its losses and its loss balancing. The experiment's own `balance`
+        # (e.g. inherited from a balanced preset) must not leak into another method.
+        lp = resolve_config_path(layer)
+        cfg = merge(DEFAULTS, merge_method_layer(cfg, _load_with_bases(lp), source=str(lp)))
     if overrides:
         cfg = apply_overrides(cfg, overrides)
         validate(cfg, source="--set overrides")
