@@ -86,6 +86,34 @@ def test_summary_pairs_the_gain_ratio_and_recommends_on_val() -> None:
     assert "Recommended C2VKD preset (chosen on val: mean final val mIoU over seeds): **c2vkd**" in md
     assert "| c2vkd | 33.00 | 0.00 | 1 | +0.00 | +3.00 (1 seed) | 33.00 | 31.00 | +1.00 | 1 s |" in md
     assert "Gain ratio c2vkd-balanced / best prior: 2.50 (> 2: claim holds here)." in md
+    # interim view: c2vkd has only seed 0 with none, so it equals the main ratio; nothing is left out
+    assert s["gain_ratio_partial"]["c2vkd"] == {**s["gain_ratio_partial"]["c2vkd"], "seeds": [0], "priors": ["kd"],
+                                               "left_out": [], "best_prior": "kd", "ci": None}
+    assert s["gain_ratio_partial"]["c2vkd"]["ratio"] == pytest.approx(1.5)
+
+
+def test_interim_gain_ratio_uses_every_seed_a_preset_shares_with_none() -> None:
+    """Seeds 0-2 for none, kd, cwd and c2vkd, seed 0 only for dkd: the protocol's ratio is on seed 0 alone;
+    the interim one uses seeds 0-2 among kd and cwd (dkd named as left out), golden values by hand."""
+    from c2vkd.runners.compare_summary import format_markdown, summarize
+    miou = {"none": [0.30, 0.31, 0.29], "kd": [0.31, 0.33, 0.30], "cwd": [0.34, 0.32, 0.29],
+            "c2vkd": [0.33, 0.34, 0.32], "dkd": [0.40]}
+    results = {m: {s: _record(v, v) for s, v in enumerate(vals)} for m, vals in miou.items()}
+    s = summarize(results, ["a"])
+    assert s["ratio_seeds"] == [0] and s["ratio_best_prior"] == "dkd"
+    assert s["gain_ratio"]["c2vkd"] == pytest.approx(0.03 / 0.10)
+    p = s["gain_ratio_partial"]["c2vkd"]
+    # means over seeds 0-2: none 0.30, kd 0.3133, cwd 0.3167 (best), c2vkd 0.33 -> (0.03) / (0.01667) = 1.8
+    assert p["seeds"] == [0, 1, 2] and p["priors"] == ["kd", "cwd"] and p["left_out"] == ["dkd"]
+    assert p["best_prior"] == "cwd" and p["ratio"] == pytest.approx(0.03 / (0.95 / 3 - 0.30))
+    lo, hi = p["ci"]["ci95"]
+    assert lo <= p["ratio"] <= hi or p["ci"]["undefined_fraction"] > 0
+    md = format_markdown(s, title="t")
+    assert "- c2vkd on seeds 0, 1, 2: 1.80, 95% bootstrap CI [" in md
+    assert "best prior cwd among kd, cwd; left out: dkd." in md
+    # once every method has every seed, there is no interim view
+    full = {m: r for m, r in results.items() if m != "dkd"}
+    assert "gain_ratio_partial" not in summarize(full, ["a"])
 
 
 @pytest.fixture(scope="module")

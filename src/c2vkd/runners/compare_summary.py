@@ -85,9 +85,22 @@ def summarize(results: dict[str, dict[int, dict[str, Any]]], class_names: list[s
         summary["ratio_best_prior"] = best_on_common
         summary["gain_ratio_ci"] = {m: bootstrap_ratio_ci(per_seed, m, common) for m in ratios}
         summary["ratio_seeds"] = common
+        if any(set(v) != set(common) for v in per_seed.values() if v):
+            summary["gain_ratio_partial"] = {m: _partial_ratio(per_seed, m, priors) for m in ratios}
         summary["claim"] = ("(mIoU_c2vkd - mIoU_none) / (mIoU_best_prior - mIoU_none) > 2 "
                             "(method.md section 5); undefined (null) when the best prior KD gain is <= 0")
     return summary
+
+
+def _partial_ratio(per_seed: dict[str, dict[int, float]], method: str, priors: Any) -> dict[str, Any]:
+    """While records accumulate: the gain ratio on every seed `none` and `method` share, among the priors that
+    have all of those seeds (the others are named as left out: the best prior may be among them)."""
+    seeds = sorted(set(per_seed["none"]) & set(per_seed[method]))
+    included = [p for p in priors if seeds and set(seeds) <= set(per_seed[p])]
+    sub = {k: per_seed[k] for k in ("none", method, *included)}
+    ratio, best = gain_ratio(sub, method, seeds) if seeds and included else (None, None)
+    return {"seeds": seeds, "priors": included, "left_out": [p for p in priors if p not in included],
+            "ratio": ratio, "best_prior": best, "ci": bootstrap_ratio_ci(sub, method, seeds) if included else None}
 
 
 def format_markdown(summary: dict[str, Any], *, title: str, command: str | None = None) -> str:
@@ -141,6 +154,25 @@ def format_markdown(summary: dict[str, Any], *, title: str, command: str | None 
                              if ci["undefined_fraction"] else ""))
             lines.append(f"Gain ratio {m} / best prior: {txt}{verdict}{ci_txt}.")
         lines.append("")
+        partial = summary.get("gain_ratio_partial")
+        if partial:
+            lines += ["Interim (records still accumulating; not the protocol's number): the gain ratio on every seed "
+                      "a C2VKD preset shares with `none`, among the prior methods that have all of those seeds "
+                      "(a prior left out may be the best one):", ""]
+            for m, p in partial.items():
+                if p["ratio"] is None:
+                    txt = "undefined" + (" (best prior gain <= 0)" if p["best_prior"] else " (no prior has those seeds)")
+                else:
+                    txt = f"{p['ratio']:.2f}"
+                ci = p.get("ci")
+                if ci and ci.get("ci95"):
+                    txt += (f", 95% bootstrap CI [{ci['ci95'][0]:.2f}, {ci['ci95'][1]:.2f}]"
+                            + (f", undefined in {100 * ci['undefined_fraction']:.0f}% of resamples"
+                               if ci["undefined_fraction"] else ""))
+                lines.append(f"- {m} on seeds {', '.join(map(str, p['seeds']))}: {txt}; best prior "
+                             f"{p['best_prior'] or '-'} among {', '.join(p['priors']) or 'none'}"
+                             f"{'; left out: ' + ', '.join(p['left_out']) if p['left_out'] else ''}.")
+            lines.append("")
     elif "note" in summary:
         lines += [summary["note"], ""]
     names = summary["class_names"]
