@@ -164,16 +164,20 @@ def test_yaml_scalars_follow_yaml_1_2(tmp_path: Path) -> None:
     assert load_config(None, ["train.progress=false"])["train"]["progress"] is False
 
 
-def test_a_method_layer_owns_balance(tmp_path):
+def test_a_method_layer_owns_balance(tmp_path, caplog):
     """An experiment inheriting a balanced preset, with another preset layered on (as `c2vkd compare` does):
     the layer's own balance applies (here none), not the experiment's."""
+    import logging
+
     from c2vkd.config import load_config
 
     exp = tmp_path / "exp.yaml"
     exp.write_text("_base_: [methods/c2vkd-balanced.yaml]\n")
     assert load_config(exp)["balance"]["mode"] == "grad_norm"
-    none = load_config(exp, layers=["methods/none.yaml"])
+    with caplog.at_level(logging.INFO, logger="c2vkd"):
+        none = load_config(exp, layers=["methods/none.yaml"])
     assert none["balance"]["mode"] == "off" and none["balance"]["targets"] == {}
+    assert not [r for r in caplog.records if "balance" in r.getMessage()]  # compare's documented rule: quiet
     assert load_config(exp, layers=["methods/c2vkd-balanced.yaml"])["balance"]["mode"] == "grad_norm"
     # --set still wins over the layer
     assert load_config(exp, ["balance.mode=off"], layers=["methods/c2vkd-balanced.yaml"])["balance"]["mode"] == "off"
