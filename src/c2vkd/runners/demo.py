@@ -28,7 +28,7 @@ NOISE_FILE = Path(__file__).resolve().parents[1] / "assets" / "demo_noise.json"
 PROTOCOL_RESULTS = "benchmarks/results/camvid-p2/compare.md"
 #: The C2VKD preset the demo trains (configs/methods/<name>.yaml): the one the protocol recommends (chosen on
 #: val; benchmarks/results/camvid-p2/compare.md says which). benchmarks/demo_noise.py measures its noise.
-DEMO_METHOD = "c2vkd"
+DEMO_METHOD = "c2vkd-balanced"
 
 
 def run_demo(run_dir: str | Path = "runs/demo", overrides: Sequence[str] = (), *,
