@@ -111,6 +111,11 @@ def test_interim_gain_ratio_uses_every_seed_a_preset_shares_with_none() -> None:
     md = format_markdown(s, title="t")
     assert "- c2vkd on seeds 0, 1, 2: 1.80, 95% bootstrap CI [" in md
     assert "best prior cwd among kd, cwd; left out: dkd." in md
+    # no prior has seed 2 yet: the interim ratio falls back to seeds 0-1, which kd and cwd both have
+    part = {m: {s: r for s, r in res.items() if m in ("none", "c2vkd", "dkd") or s < 2} for m, res in results.items()}
+    p = summarize(part, ["a"])["gain_ratio_partial"]["c2vkd"]
+    # seeds 0-1: none 0.305, kd 0.32, cwd 0.33 (best), c2vkd 0.335 -> 0.03 / 0.025 = 1.2
+    assert p["seeds"] == [0, 1] and p["priors"] == ["kd", "cwd"] and p["ratio"] == pytest.approx(1.2)
     # once every method has every seed, there is no interim view
     full = {m: r for m, r in results.items() if m != "dkd"}
     assert "gain_ratio_partial" not in summarize(full, ["a"])

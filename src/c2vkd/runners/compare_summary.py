@@ -93,9 +93,13 @@ def summarize(results: dict[str, dict[int, dict[str, Any]]], class_names: list[s
 
 
 def _partial_ratio(per_seed: dict[str, dict[int, float]], method: str, priors: Any) -> dict[str, Any]:
-    """While records accumulate: the gain ratio on every seed `none` and `method` share, among the priors that
-    have all of those seeds (the others are named as left out: the best prior may be among them)."""
-    seeds = sorted(set(per_seed["none"]) & set(per_seed[method]))
+    """While records accumulate: the gain ratio on the most seeds `none`, `method` and some prior share, among
+    the priors that have all of those seeds (the others are named as left out: the best prior may be among
+    them). Ties: the seed set more priors have."""
+    shared = set(per_seed["none"]) & set(per_seed[method])
+    candidates = [shared & set(per_seed[p]) for p in priors] or [set()]
+    best_set = max(candidates, key=lambda c: (len(c), sum(c <= set(per_seed[p]) for p in priors)))
+    seeds = sorted(best_set)
     included = [p for p in priors if seeds and set(seeds) <= set(per_seed[p])]
     sub = {k: per_seed[k] for k in ("none", method, *included)}
     ratio, best = gain_ratio(sub, method, seeds) if seeds and included else (None, None)
@@ -156,9 +160,9 @@ def format_markdown(summary: dict[str, Any], *, title: str, command: str | None 
         lines.append("")
         partial = summary.get("gain_ratio_partial")
         if partial:
-            lines += ["Interim (records still accumulating; not the protocol's number): the gain ratio on every seed "
-                      "a C2VKD preset shares with `none`, among the prior methods that have all of those seeds "
-                      "(a prior left out may be the best one):", ""]
+            lines += ["Interim (records still accumulating; not the protocol's number): the gain ratio on the most "
+                      "seeds a C2VKD preset shares with `none` and some prior, among the prior methods that have "
+                      "all of those seeds (a prior left out may be the best one):", ""]
             for m, p in partial.items():
                 if p["ratio"] is None:
                     txt = "undefined" + (" (best prior gain <= 0)" if p["best_prior"] else " (no prior has those seeds)")
