@@ -507,7 +507,9 @@ def test_adversarial_term_and_deferred_discriminator_step(mode) -> None:
     want.backward()
     opt.step()
     for (name, p), q in zip(mod.discriminator.named_parameters(), ref_d.parameters()):
-        torch.testing.assert_close(p, q.detach(), rtol=1e-5, atol=1e-7, msg=name)
+        # atol 1e-5 = 1% of one Adam step (lr 1e-3): WGAN-GP's double backward sums in a CPU-dependent order and
+        # Adam's m / sqrt(v) amplifies that rounding on near-zero gradient entries (1.3e-6 measured on AMD EPYC)
+        torch.testing.assert_close(p, q.detach(), rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     assert any((p - q).abs().max() > 0 for p, q in zip(mod.discriminator.parameters(), d0.parameters()))
 
 
@@ -706,7 +708,8 @@ def test_baseline_option_reaches_the_computation(name, option, value, expect) ->
     assert torch.isfinite(torch.tensor(v)) and torch.isfinite(g).all()
     if expect == "same":
         assert v == pytest.approx(base_v, rel=1e-5, abs=1e-9), (name, option)
-        torch.testing.assert_close(g, base_g, rtol=1e-4, atol=1e-8)
+            # atol 1e-7: chunking changes the summation order; tiny entries differ by ~2e-8 on some CPUs (AMD EPYC)
+        torch.testing.assert_close(g, base_g, rtol=1e-4, atol=1e-7)
     else:
         moved = abs(v - base_v) > 1e-6 * max(abs(base_v), 1e-12) or \
             (g - base_g).abs().max() > 1e-6 * max(float(base_g.abs().max()), 1e-12)

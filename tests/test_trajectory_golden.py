@@ -64,7 +64,10 @@ def _trajectory(tmp: Path, method: str, impl: str = "foreach") -> list[dict]:
 
 
 @pytest.mark.parametrize("method", ["none", "c2vkd-paper"])
-def test_five_step_trajectory_is_bit_identical(tmp_path_factory: pytest.TempPathFactory, method: str) -> None:
+def test_five_step_trajectory_matches_golden(tmp_path_factory: pytest.TempPathFactory, method: str) -> None:
+    # Bit-identical on the CPU type that recorded GOLDEN; other CPUs (AMD EPYC vs the recording machine) round
+    # oneDNN's reductions differently at ~1e-7 relative, so the check is rel 1e-6: a changed formula, order of
+    # operations in the engine or data order moves these values by orders of magnitude more.
     tmp = tmp_path_factory.getbasetemp() / "golden_trajectory"
     tmp.mkdir(exist_ok=True)
     got = _trajectory(tmp, method)
@@ -73,7 +76,8 @@ def test_five_step_trajectory_is_bit_identical(tmp_path_factory: pytest.TempPath
     for g, w in zip(got, want):
         assert list(g) == list(w), f"iteration {w['iter']}: logged keys changed"
         for k in w:
-            assert g[k] == w[k], f"{method} iteration {w['iter']} {k}: {g[k]!r} != golden {w[k]!r}"
+            assert g[k] == pytest.approx(w[k], rel=1e-6, abs=1e-9), \
+                f"{method} iteration {w['iter']} {k}: {g[k]!r} != golden {w[k]!r}"
 
 
 @pytest.mark.parametrize("method", ["none", "c2vkd-paper"])
