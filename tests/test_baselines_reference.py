@@ -708,7 +708,7 @@ def test_baseline_option_reaches_the_computation(name, option, value, expect) ->
     assert torch.isfinite(torch.tensor(v)) and torch.isfinite(g).all()
     if expect == "same":
         assert v == pytest.approx(base_v, rel=1e-5, abs=1e-9), (name, option)
-            # atol 1e-7: chunking changes the summation order; tiny entries differ by ~2e-8 on some CPUs (AMD EPYC)
+        # atol 1e-7: chunking changes the summation order; tiny entries differ by ~2e-8 on some CPUs (AMD EPYC)
         torch.testing.assert_close(g, base_g, rtol=1e-4, atol=1e-7)
     else:
         moved = abs(v - base_v) > 1e-6 * max(abs(base_v), 1e-12) or \

@@ -272,15 +272,15 @@ def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 def merge_method_layer(base: dict[str, Any], layer: dict[str, Any], *, source: str,
                        announce: bool = True) -> dict[str, Any]:
     """``merge(base, layer)``, except that a layer setting ``losses`` defines the method anew: the inherited
-    ``balance`` (tuned for other terms: its targets name another method's losses) is dropped, and the layer's
-    own ``balance``, if any, starts from the defaults instead of merging into it. A non-default balance dropped
+    ``balance`` (tuned for other terms: its targets name another method's losses) is reset to the defaults,
+    and the layer's own ``balance``, if any, merges into those. A non-default balance dropped
     without replacement is logged (``announce``; off for ``c2vkd compare``'s preset layers, where it is the
     documented rule and would repeat for every variant)."""
     if "losses" in layer and "balance" in base:
         if announce and "balance" not in layer and merge(DEFAULTS["balance"], base["balance"]) != DEFAULTS["balance"]:
             log.info("%s sets losses without balance: the inherited balance %s is dropped (balance belongs to "
                      "the method; repeat it under `balance:` in %s to keep it)", source, base["balance"], source)
-        base = {k: v for k, v in base.items() if k != "balance"}
+        base = {**base, "balance": copy.deepcopy(DEFAULTS["balance"])}
     return merge(base, layer)
 
 
@@ -467,7 +467,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, *,
         # A method preset owns the method: its losses and its loss balancing. The experiment's own `balance`
         # (e.g. inherited from a balanced preset) must not leak into another method.
         lp = resolve_config_path(layer)
-        cfg = merge(DEFAULTS, merge_method_layer(cfg, _load_with_bases(lp), source=str(lp), announce=False))
+        cfg = merge_method_layer(cfg, _load_with_bases(lp), source=str(lp), announce=False)
     if overrides:
         cfg = apply_overrides(cfg, overrides)
         validate(cfg, source="--set overrides")

@@ -86,13 +86,13 @@ def summarize(results: dict[str, dict[int, dict[str, Any]]], class_names: list[s
         summary["gain_ratio_ci"] = {m: bootstrap_ratio_ci(per_seed, m, common) for m in ratios}
         summary["ratio_seeds"] = common
         if any(set(v) != set(common) for v in per_seed.values() if v):
-            summary["gain_ratio_partial"] = {m: _partial_ratio(per_seed, m, priors) for m in ratios}
+            summary["gain_ratio_partial"] = {m: _partial_ratio(per_seed, m, list(priors)) for m in ratios}
         summary["claim"] = ("(mIoU_c2vkd - mIoU_none) / (mIoU_best_prior - mIoU_none) > 2 "
                             "(method.md section 5); undefined (null) when the best prior KD gain is <= 0")
     return summary
 
 
-def _partial_ratio(per_seed: dict[str, dict[int, float]], method: str, priors: Any) -> dict[str, Any]:
+def _partial_ratio(per_seed: dict[str, dict[int, float]], method: str, priors: list[str]) -> dict[str, Any]:
     """While records accumulate: the gain ratio on the most seeds `none`, `method` and some prior share, among
     the priors that have all of those seeds (the others are named as left out: the best prior may be among
     them). Ties: the seed set more priors have."""
@@ -105,6 +105,16 @@ def _partial_ratio(per_seed: dict[str, dict[int, float]], method: str, priors: A
     ratio, best = gain_ratio(sub, method, seeds) if seeds and included else (None, None)
     return {"seeds": seeds, "priors": included, "left_out": [p for p in priors if p not in included],
             "ratio": ratio, "best_prior": best, "ci": bootstrap_ratio_ci(sub, method, seeds) if included else None}
+
+
+def _ci_text(ci: dict[str, Any] | None, lead: str) -> str:
+    """A gain ratio's bootstrap interval as text ("" when there is none), with the share of undefined resamples."""
+    if not ci or not ci.get("ci95"):
+        return ""
+    lo, hi = ci["ci95"]
+    undefined = ci["undefined_fraction"]
+    return (f"{lead} [{lo:.2f}, {hi:.2f}]"
+            + (f", undefined in {100 * undefined:.0f}% of resamples" if undefined else ""))
 
 
 def format_markdown(summary: dict[str, Any], *, title: str, command: str | None = None) -> str:
@@ -150,12 +160,7 @@ def format_markdown(summary: dict[str, Any], *, title: str, command: str | None 
         for m, ratio in summary.get("gain_ratio", {}).items():
             txt = "undefined (best prior gain <= 0)" if ratio is None else f"{ratio:.2f}"
             verdict = "" if ratio is None else (" (> 2: claim holds here)" if ratio > 2 else " (<= 2: claim not met here)")
-            ci = (summary.get("gain_ratio_ci") or {}).get(m)
-            ci_txt = ""
-            if ci and ci.get("ci95"):
-                ci_txt = (f"; 95% bootstrap CI over seeds [{ci['ci95'][0]:.2f}, {ci['ci95'][1]:.2f}]"
-                          + (f", undefined in {100 * ci['undefined_fraction']:.0f}% of resamples"
-                             if ci["undefined_fraction"] else ""))
+            ci_txt = _ci_text((summary.get("gain_ratio_ci") or {}).get(m), "; 95% bootstrap CI over seeds")
             lines.append(f"Gain ratio {m} / best prior: {txt}{verdict}{ci_txt}.")
         lines.append("")
         partial = summary.get("gain_ratio_partial")
@@ -168,11 +173,7 @@ def format_markdown(summary: dict[str, Any], *, title: str, command: str | None 
                     txt = "undefined" + (" (best prior gain <= 0)" if p["best_prior"] else " (no prior has those seeds)")
                 else:
                     txt = f"{p['ratio']:.2f}"
-                ci = p.get("ci")
-                if ci and ci.get("ci95"):
-                    txt += (f", 95% bootstrap CI [{ci['ci95'][0]:.2f}, {ci['ci95'][1]:.2f}]"
-                            + (f", undefined in {100 * ci['undefined_fraction']:.0f}% of resamples"
-                               if ci["undefined_fraction"] else ""))
+                txt += _ci_text(p.get("ci"), ", 95% bootstrap CI")
                 lines.append(f"- {m} on seeds {', '.join(map(str, p['seeds']))}: {txt}; best prior "
                              f"{p['best_prior'] or '-'} among {', '.join(p['priors']) or 'none'}"
                              f"{'; left out: ' + ', '.join(p['left_out']) if p['left_out'] else ''}.")
