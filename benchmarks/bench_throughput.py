@@ -16,7 +16,9 @@ identical data stream).
 Each variant is a real ``Trainer`` (the engine's Distiller, optimizer, AMP, clipping and data loader); one
 timed iteration is ``Trainer._train_step`` (load a batch, forward, backward, optimizer step) + the lr step,
 wall clock (CUDA synchronised). Variants are timed round-robin ``--rounds`` times (the median round counts), so
-a slow phase of a busy machine does not fall on one variant only. Variant (c) reads a cache built first with
+a slow phase of a busy machine does not fall on one variant only; each variant's round time over (a)'s in the same
+round gives the paired ratio (median, min, max over rounds), which cancels the machine's slow drift
+(``--variants a,c`` times only what a comparison needs). Variant (c) reads a cache built first with
 ``c2vkd cache-teacher`` defaults (top-5 logits at 1/4 resolution, fp16, the taps the losses read; teacher run
 in fp32); its build time is reported separately with the break-even point (iterations after which building
 the cache has paid for itself). Ratios are img/s relative to (a) without autocast. On CPU, bf16 autocast is
@@ -54,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--iters", type=int, default=20, help="timed iterations per variant and round")
     ap.add_argument("--rounds", type=int, default=1, help="round-robin repetitions (median round reported)")
     ap.add_argument("--amp", default="off,bf16", help="comma-separated autocast modes to time (off, bf16, fp16)")
+    ap.add_argument("--variants", default="a,b,c,d,e",
+                    help="comma-separated variants to time (a is always timed: every ratio is to it)")
     ap.add_argument("--pool", type=int, default=2, help="data.augment_pool (views per image)")
     ap.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (0: loading is on the clock)")
     ap.add_argument("--device", default="auto")
@@ -105,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
                                     downsample=args.downsample, dtype=args.cache_dtype, progress=False)
         build_s = time.perf_counter() - t0
         variants: list[tuple[str, str, dict]] = []
+        wanted = {"a"} | {v.strip() for v in args.variants.split(",") if v.strip()}
+        unknown = wanted - set("abcde")
+        if unknown:
+            raise SystemExit(f"--variants: unknown variant(s) {sorted(unknown)}; choose from a, b, c, d, e")
         for amp in amps:
             variants += [
                 ("a", amp, cfg("teacher.name=null", "losses=[{name: ce, weight: 1.0}]", f"train.amp={amp}")),
@@ -115,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("e", amp, cfg("teacher.name=null", "losses=[{name: ce, weight: 1.0}]", f"train.amp={amp}",
                                "optim.impl=foreach")),
             ]
+        variants = [v for v in variants if v[0] in wanted]
         labels = {"a": "student only (ce)", "b": "C2VKD, live teacher", "c": "C2VKD, teacher cache",
                   "d": "C2VKD, live teacher in bf16 + channels-last", "e": "student only, foreach AdamW"}
         runs = []
@@ -153,17 +162,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"teacher cache: {index['views']} views, top-{index['topk']} of {index['num_classes']} logits at "
               f"{index['logits_hw'][0]}x{index['logits_hw'][1]}, taps {sorted(index['taps'])}, {index['dtype']}, "
               f"{index['bytes_per_view'] / 2**10:.1f} KiB/view, built in {build_s:.1f} s")
-        print("\n| variant | amp | img/s | s/iter | vs (a) amp off |\n|---|---|---|---|---|")
+        print("\n| variant | amp | img/s | s/iter | vs (a) amp off | time / (a)'s, paired by round: median [min, max] |"
+              "\n|---|---|---|---|---|---|")
         results = []
         for r in runs:
             sec = statistics.median(r["rounds"]) / args.iters
             ips = args.batch / sec
+            # each round times every variant back to back, so a round's time over (a)'s in the same round
+            # cancels the machine's slow drift; the median of these is the robust ratio
+            paired = [x / y for x, y in zip(r["rounds"], ref["rounds"])]
             results.append({"variant": r["name"], "label": labels[r["name"]], "amp": r["amp"], "img_per_s": ips,
-                            "s_per_iter": sec, "ratio_to_a_off": ips / ref_ips, "rounds_s": r["rounds"]})
-            print(f"| ({r['name']}) {labels[r['name']]} | {r['amp']} | {ips:.2f} | {sec:.3f} | {ips / ref_ips:.2f}x |")
+                            "s_per_iter": sec, "ratio_to_a_off": ips / ref_ips, "rounds_s": r["rounds"],
+                            "paired_time_ratio": paired, "paired_time_ratio_median": statistics.median(paired)})
+            print(f"| ({r['name']}) {labels[r['name']]} | {r['amp']} | {ips:.2f} | {sec:.3f} | {ips / ref_ips:.2f}x | "
+                  f"{statistics.median(paired):.3f}x [{min(paired):.3f}, {max(paired):.3f}] |")
         for amp in amps:
-            b = next(x for x in results if x["variant"] == "b" and x["amp"] == amp)
-            c = next(x for x in results if x["variant"] == "c" and x["amp"] == amp)
+            b = next((x for x in results if x["variant"] == "b" and x["amp"] == amp), None)
+            c = next((x for x in results if x["variant"] == "c" and x["amp"] == amp), None)
+            if b is None or c is None:
+                continue
             saved = b["s_per_iter"] - c["s_per_iter"]
             even = f"{build_s / saved:.0f} iterations" if saved > 0 else "never (the cache is not faster here)"
             print(f"amp {amp}: cache vs live teacher {c['img_per_s'] / b['img_per_s']:.2f}x; the cache build "
