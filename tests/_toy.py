@@ -71,3 +71,30 @@ for _name, _cls in (("toy_cnn", ToyCNN), ("toy_vit", ToyViT)):
         MODELS.add(_name, _cls)
 if "toy_sleep" not in LOSSES:
     LOSSES.add("toy_sleep", ToySleep)
+
+
+def write_compare_experiment(root, *, iters: int, val_interval: int):
+    """A toy compare experiment under ``root`` (a 6/2/2-image folder dataset, a saved toy_cnn teacher, a
+    toy_vit student); returns the experiment YAML's path. The teacher's weights are seeded (torch seed 1)."""
+    from pathlib import Path
+
+    from c2vkd.data.synthetic import write_folder
+    from c2vkd.engine.weights import save_student
+    from c2vkd.models import build_model
+
+    root = Path(root)
+    data = write_folder(root / "ds", {"train": 6, "val": 2, "test": 2}, size_hw=(32, 40))
+    torch.manual_seed(1)
+    save_student(root / "teacher.safetensors", build_model("toy_cnn", 3), "toy_cnn", 3, {}, ["a", "b", "c"])
+    cfg = root / "exp.yaml"
+    cfg.write_text(f"""
+experiment: {{name: toy, output_dir: {root / 'runs'}}}
+data: {{root: {data}, batch_size: 2, num_workers: 0,
+        train_transform: {{crop_size: [32, 32], base_size: 40}}}}
+student: {{name: toy_vit}}
+teacher: {{name: toy_cnn, checkpoint: {root / 'teacher.safetensors'}}}
+optim: {{lr: 0.01}}
+schedule: {{iters: {iters}, warmup_iters: 0}}
+train: {{progress: false, device: cpu, log_interval: 1, val_interval: {val_interval}}}
+""")
+    return cfg

@@ -5,36 +5,16 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-import _toy  # noqa: F401  (registers toy_cnn / toy_vit)
+import _toy  # registers toy_cnn / toy_vit; write_compare_experiment
 from c2vkd.runners import compare as cmp
 from c2vkd.cli import main
 from c2vkd.config import ConfigError, load_config
-from c2vkd.data.synthetic import write_folder
-from c2vkd.engine.weights import save_student
-from c2vkd.models import build_model
 
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("cmp")
-    data = write_folder(root / "ds", {"train": 6, "val": 2, "test": 2}, size_hw=(32, 40))
-    torch.manual_seed(1)
-    teacher = build_model("toy_cnn", 3)
-    save_student(root / "teacher.safetensors", teacher, "toy_cnn", 3, {}, ["a", "b", "c"])
-    cfg = root / "exp.yaml"
-    cfg.write_text(f"""
-experiment: {{name: toy, output_dir: {root / 'runs'}}}
-data: {{root: {data}, batch_size: 2, num_workers: 0,
-        train_transform: {{crop_size: [32, 32], base_size: 40}}}}
-student: {{name: toy_vit}}
-teacher: {{name: toy_cnn, checkpoint: {root / 'teacher.safetensors'}}}
-optim: {{lr: 0.01}}
-schedule: {{iters: 3, warmup_iters: 0}}
-train: {{progress: false, device: cpu, log_interval: 1, val_interval: 0}}
-""")
-    return cfg
+    return _toy.write_compare_experiment(tmp_path_factory.mktemp("cmp"), iters=3, val_interval=0)
 
 
 def test_variant_config_layers_method_and_drops_unused_teacher(experiment: Path) -> None:

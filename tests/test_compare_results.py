@@ -6,15 +6,11 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
-import _toy  # noqa: F401  (registers toy_cnn / toy_vit)
+import _toy  # registers toy_cnn / toy_vit; write_compare_experiment
 from c2vkd.runners import compare as cmp
 from c2vkd.cli import main
 from c2vkd.config import ConfigError
-from c2vkd.data.synthetic import write_folder
-from c2vkd.engine.weights import save_student
-from c2vkd.models import build_model
 
 
 def test_paired_difference_golden() -> None:
@@ -123,22 +119,7 @@ def test_interim_gain_ratio_uses_every_seed_a_preset_shares_with_none() -> None:
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("cmpres")
-    data = write_folder(root / "ds", {"train": 6, "val": 2, "test": 2}, size_hw=(32, 40))
-    torch.manual_seed(1)
-    save_student(root / "teacher.safetensors", build_model("toy_cnn", 3), "toy_cnn", 3, {}, ["a", "b", "c"])
-    cfg = root / "exp.yaml"
-    cfg.write_text(f"""
-experiment: {{name: toy, output_dir: {root / 'runs'}}}
-data: {{root: {data}, batch_size: 2, num_workers: 0,
-        train_transform: {{crop_size: [32, 32], base_size: 40}}}}
-student: {{name: toy_vit}}
-teacher: {{name: toy_cnn, checkpoint: {root / 'teacher.safetensors'}}}
-optim: {{lr: 0.01}}
-schedule: {{iters: 2, warmup_iters: 0}}
-train: {{progress: false, device: cpu, log_interval: 1, val_interval: 1}}
-""")
-    return cfg
+    return _toy.write_compare_experiment(tmp_path_factory.mktemp("cmpres"), iters=2, val_interval=1)
 
 
 def test_results_accumulate_skip_and_rebuild(experiment: Path, tmp_path: Path,
