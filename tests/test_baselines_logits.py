@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from _ref import kl_list, softmax_list
+from test_baselines_reference import ref_dist
 from c2vkd.losses.base import LOSSES, LossContext, LossInputs
 from c2vkd.losses.cwd import CWDLoss, cwd_loss
 from c2vkd.losses.dist import DISTLoss, dist_loss
@@ -153,27 +154,12 @@ def test_cwd_matches_mmrazor_formula():
 
 # --------------------------------------------------------------------------------------------- DIST
 def _dist_ref(zs, zt, target, beta, gamma, tau):
-    """The DIST reference code (dense reshape to [P, K]) on valid pixels selected by boolean indexing."""
-    def cos(a, b, eps=1e-8):
-        return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
-
-    def pearson(a, b, eps=1e-8):
-        return cos(a - a.mean(1).unsqueeze(1), b - b.mean(1).unsqueeze(1), eps)
-
-    def inter(ys, yt):
-        return 1 - pearson(ys, yt).mean()
-
-    def intra(ys, yt):
-        return inter(ys.transpose(0, 1), yt.transpose(0, 1))
-
-    k = zs.shape[1]
-    s = zs.double().permute(0, 2, 3, 1).reshape(-1, k)
-    t = zt.double().permute(0, 2, 3, 1).reshape(-1, k)
+    """The DIST reference code (test_baselines_reference.ref_dist) on the valid pixels, as a [1, K, n, 1] map."""
     if target is not None:
+        k = zs.shape[1]
         keep = (target != IGN).reshape(-1)
-        s, t = s[keep], t[keep]
-    ys, yt = (s / tau).softmax(1), (t / tau).softmax(1)
-    return (tau ** 2 * (beta * inter(ys, yt) + gamma * intra(ys, yt))).item()
+        zs, zt = (z.permute(0, 2, 3, 1).reshape(-1, k)[keep].T[None, :, :, None] for z in (zs, zt))
+    return ref_dist(zs, zt, beta, gamma, tau)
 
 
 @pytest.mark.parametrize("tau,beta,gamma", [(1.0, 1.0, 1.0), (4.0, 2.0, 0.5)])
