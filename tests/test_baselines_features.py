@@ -12,8 +12,8 @@ from _ref import kl_list, softmax_list
 from c2vkd.losses import make_adapter, resize_to
 from c2vkd.losses.at import ATLoss, at_loss
 from c2vkd.losses.base import LOSSES, LossContext, LossInputs
-from c2vkd.losses.cirkd import (CIRKDLoss, ClassQueues, cirkd_memory_loss, cirkd_pixel_loss, cirkd_region_loss,
-                                memory_entries)
+from c2vkd.losses.cirkd import (CIRKDLoss, ClassQueues, chunked_row_kl, cirkd_memory_loss, cirkd_pixel_loss,
+                                cirkd_region_loss, memory_entries)
 from c2vkd.losses.fitnet import FitNetLoss, fitnet_loss
 from c2vkd.losses.ifvd import IFVDLoss, ifvd_loss
 from c2vkd.losses.skd import SKDLoss, capped_grid, skd_loss
@@ -187,8 +187,8 @@ def test_ifvd_pixel_loop_different_channels():
 
 
 # -------------------------------------------------------------------------------------------- CIRKD
-def _cirkd_p2p_ref_authors(feat_S, feat_T, temperature):
-    """CIRKD's CriterionMiniBatchCrossImagePair, re-typed (float64)."""
+def _cirkd_p2p_ref_authors(feat_S, feat_T, temperature, pool=True):
+    """CIRKD's CriterionMiniBatchCrossImagePair, re-typed (float64); pool=False: its pooling=False branch."""
     def pair_wise_sim_map(fea_0, fea_1):
         C, H, W = fea_0.size()
         fea_0 = fea_0.reshape(C, -1).transpose(0, 1)
@@ -196,7 +196,7 @@ def _cirkd_p2p_ref_authors(feat_S, feat_T, temperature):
         return torch.mm(fea_0, fea_1.transpose(0, 1))
 
     B = feat_S.shape[0]
-    maxpool = nn.MaxPool2d(kernel_size=(2, 2), stride=(2, 2), padding=0, ceil_mode=True)
+    maxpool = nn.MaxPool2d(kernel_size=(2, 2), stride=(2, 2), padding=0, ceil_mode=True) if pool else nn.Identity()
     feat_S = F.normalize(maxpool(feat_S.double()), p=2, dim=1)
     feat_T = F.normalize(maxpool(feat_T.double()), p=2, dim=1)
     sim_dis = torch.tensor(0.0, dtype=torch.float64)
@@ -240,6 +240,55 @@ def test_cirkd_chunked_equals_unchunked_exact_batch_scope_with_grads():
         grads.append(x.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(grads[0], grads[2], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", ["self_pairs", "memory", "masked_bias"])
+def test_cirkd_closed_form_backward_equals_autograd(case):
+    """_RowKL's closed-form backward against plain autograd of the formula (closed_form=False), float64, uneven
+    chunks: self relations (rows = cols, grouped softmax), a constant memory bank, masked columns + kd_T."""
+    torch.manual_seed(0)
+    x = torch.randn(12, 5, dtype=torch.float64)
+    t = torch.randn(12, 5, dtype=torch.float64)
+    bank = F.normalize(torch.randn(10, 5, dtype=torch.float64), dim=1)
+    bias = torch.zeros(10, dtype=torch.float64)
+    bias[[2, 7]] = -1e9
+
+    def run(closed_form: bool, rows):
+        f = x.clone().requires_grad_(True)
+        kw = dict(temperature=0.3, max_rows_per_chunk=rows, closed_form=closed_form)
+        if case == "self_pairs":
+            out = chunked_row_kl(f, t, f, t, groups=3, **kw)
+        elif case == "memory":
+            out = chunked_row_kl(f, t, bank, bank, kd_temperature=1.0, **kw)
+        else:
+            out = chunked_row_kl(f, t, bank, bank, col_bias=bias, kd_temperature=2.0, **kw)
+        # a non-uniform upstream gradient, so every row's scale is checked
+        (out * torch.linspace(0.5, 2.0, out.numel(), dtype=out.dtype)).sum().backward()
+        return out.detach(), f.grad
+
+    ref_val, ref_grad = run(False, None)
+    assert (ref_val > 0).all()
+    for rows in (None, 5, 1):
+        val, grad = run(True, rows)
+        torch.testing.assert_close(val, ref_val, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_cirkd_pair_blocks_equal_row_chunks_and_autograd_with_grads():
+    """Pair scope three ways: symmetric per-pair blocks (default here: A^2 <= max_elements), row chunks with the
+    closed-form backward (max_rows_per_chunk < A), plain autograd (closed_form=False): same value and gradient."""
+    torch.manual_seed(3)
+    fs0, ft = torch.randn(3, 6, 4, 5), torch.randn(3, 7, 4, 5)
+    out = {}
+    for name, kw in (("blocks", {}), ("rows", dict(max_rows_per_chunk=7)), ("autograd", dict(closed_form=False))):
+        fs = fs0.clone().requires_grad_(True)
+        loss = cirkd_pixel_loss(fs, ft, temperature=0.1, scope="pair", pool_size=1, **kw)
+        (2.5 * loss).backward()
+        out[name] = (loss.item(), fs.grad)
+    assert out["blocks"][0] == pytest.approx(_cirkd_p2p_ref_authors(fs0, ft, 0.1, pool=False), rel=1e-5)
+    for name in ("rows", "autograd"):
+        assert out[name][0] == pytest.approx(out["blocks"][0], rel=1e-5)
+        torch.testing.assert_close(out[name][1], out["blocks"][1], rtol=1e-4, atol=1e-7)
 
 
 def _cirkd_p2r_ref_loop(fs, ft, target, k, tau, kd_t, source):

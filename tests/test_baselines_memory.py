@@ -72,8 +72,22 @@ def test_cirkd_p2p_never_materialises_n_by_n(scope):
     assert rec.ops > fwd_ops                               # backward (with recomputation) was recorded
     assert rec.max_numel <= budget, (rec.max_numel, rec.max_op)
     assert fs.grad is not None and fs.grad.shape == fs.shape
-    # activation checkpointing: what autograd keeps between forward and backward is O(N * C), not O(N^2)
+    # closed-form backward: what autograd keeps between forward and backward is O(N * C), not O(N^2)
     assert saved.total <= 16 * N * C, saved.total
+
+
+def test_cirkd_p2p_pair_blocks_stay_per_image_pair():
+    """Pair scope with A^2 <= max_elements: the symmetric block form (one A x A block per unordered image pair);
+    nothing larger than A x A is ever built and autograd keeps O(N C + B^2 A), forward and backward."""
+    a = H * W
+    fs = torch.empty(B, C, H, W, device="meta", requires_grad=True)
+    ft = torch.empty(B, 32, H, W, device="meta")
+    with MaxNumel() as rec, SavedNumel() as saved:
+        loss = cirkd_pixel_loss(fs, ft, scope="pair", pool_size=1, max_elements=a * a)
+        loss.backward()
+    assert rec.max_numel <= a * a, (rec.max_numel, rec.max_op)
+    assert saved.total <= 16 * N * C + 2 * B * B * a, saved.total
+    assert fs.grad is not None and fs.grad.shape == fs.shape
 
 
 def test_cirkd_recorder_sees_n_by_n_without_chunking():
@@ -82,10 +96,10 @@ def test_cirkd_recorder_sees_n_by_n_without_chunking():
     fs = torch.empty(B, C, H, W, device="meta", requires_grad=True)
     ft = torch.empty(B, C, H, W, device="meta")
     with MaxNumel() as rec:
-        cirkd_pixel_loss(fs, ft, pool_size=1, max_elements=N * N)
+        cirkd_pixel_loss(fs, ft, scope="batch", pool_size=1, max_elements=N * N)
     assert rec.max_numel >= N * N
     with SavedNumel() as saved:
-        cirkd_pixel_loss(fs, ft, pool_size=1, max_elements=2 ** 23, use_checkpoint=False)
+        cirkd_pixel_loss(fs, ft, pool_size=1, max_elements=2 ** 23, closed_form=False)
     assert saved.total >= N * N
 
 

@@ -28,8 +28,9 @@ S = F F^T / tau the loss is KL(teacher row distribution || student row distribut
 Memory: S is never materialised. Rows are processed in chunks of ``r = min(max_rows_per_chunk,
 max_elements // N)`` rows (at least 1), so every intermediate is r x N (<= ``max_elements``, default 2**25
 elements = 128 MiB in float32); each row's softmax is complete inside its chunk, so the value is exact.
-Under autograd each chunk is wrapped in activation checkpointing (non-reentrant), so the backward pass also
-holds one chunk of intermediates at a time.
+The backward is closed-form (``_RowKL``: d KL / d logits_S = p_S - p_T per row and softmax block, recomputed
+one chunk at a time), so between forward and backward only the inputs and two log-sum-exps per row are kept,
+and the backward also holds one chunk of intermediates at a time.
 
 ``cirkd_mem_p2p`` / ``cirkd_mem_p2r`` (weights ``weight * mem_p2p_weight`` / ``weight * mem_p2r_weight``,
 0.1 / 0.1; ``memory: true``, the default) -- the reference's memory terms. The student feature goes
@@ -62,13 +63,12 @@ as an option; the reference has no such term.
 """
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 from c2vkd.losses._common import labels_to, no_autocast, resize_to, tap_shapes
 from c2vkd.losses.adapters import AdaptedFeatureLoss
@@ -101,10 +101,11 @@ def rows_per_chunk(n_cols: int, max_elements: int = DEFAULT_MAX_ELEMENTS, max_ro
 
 def _row_kl(s_rows: torch.Tensor, t_rows: torch.Tensor, s_cols: torch.Tensor, t_cols: torch.Tensor,
             col_bias: torch.Tensor | None, temperature: float, kd_temperature: float, groups: int) -> torch.Tensor:
-    """KL(softmax(t) || softmax(s)) per row for one chunk; rows [r, C], cols [M, C] -> [r].
+    """KL(softmax(t) || softmax(s)) per row for one chunk, in plain autograd; rows [r, C], cols [M, C] -> [r].
 
     Logits are rows @ cols^T / temperature (+ col_bias) / kd_temperature; with groups > 1 the M
-    columns are split into ``groups`` equal blocks, each with its own softmax, and the block KLs summed."""
+    columns are split into ``groups`` equal blocks, each with its own softmax, and the block KLs summed.
+    The formula as written: the reference for :class:`_RowKL` (``closed_form=False``)."""
     s = s_rows @ s_cols.T / temperature
     t = t_rows @ t_cols.T / temperature
     if col_bias is not None:
@@ -121,22 +122,150 @@ def _row_kl(s_rows: torch.Tensor, t_rows: torch.Tensor, s_cols: torch.Tensor, t_
     return (lt.exp() * (lt - ls)).sum(dim=(1, 2))
 
 
+def _logits(rows: torch.Tensor, cols: torch.Tensor, col_bias: torch.Tensor | None, scale: float,
+            bias_scale: float, groups: int) -> torch.Tensor:
+    """(rows @ cols^T) * scale (+ col_bias * bias_scale) as [r, groups, M / groups]; a fresh tensor."""
+    z = rows @ cols.T
+    z.mul_(scale)
+    if col_bias is not None:
+        z.add_(col_bias, alpha=bias_scale)
+    return z.view(z.shape[0], groups, -1)
+
+
+class _RowKL(torch.autograd.Function):
+    """Per-row relation KL [R], chunked over rows, with a closed-form backward.
+
+    Forward keeps only the inputs and two log-sum-exps per (row, group) ([R, groups]); backward recomputes
+    one chunk of logits at a time and writes d KL / d z_s = p_s - p_t (per group; sum p_t = 1) straight into
+    two matmuls: d rows = G @ cols, d cols = G^T @ rows (G scaled by 1 / (temperature * kd_temperature)).
+    Same matmuls as checkpointing the plain formula, a third of its elementwise passes and no autograd graph.
+    The teacher side (t_rows, t_cols) and ``col_bias`` are constants (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, s_rows, t_rows, s_cols, t_cols, col_bias, scale: float, bias_scale: float, groups: int,
+                rows: int) -> torch.Tensor:
+        n = s_rows.shape[0]
+        out = s_rows.new_empty(n)
+        lse_s = s_rows.new_empty(n, groups)
+        lse_t = s_rows.new_empty(n, groups)
+        for start in range(0, n, rows):
+            sl = slice(start, start + rows)
+            zs = _logits(s_rows[sl], s_cols, col_bias, scale, bias_scale, groups)
+            zt = _logits(t_rows[sl], t_cols, col_bias, scale, bias_scale, groups)
+            # both sides max-shifted, so KL = sum e_t (z't - z's) / sum e_t - log sum e_t + log sum e_s has no
+            # large cancelling terms (a masked -1e9 column has e_t = 0 exactly)
+            ms = zs.amax(dim=-1, keepdim=True)
+            mt = zt.amax(dim=-1, keepdim=True)
+            zs.sub_(ms)
+            zt.sub_(mt)
+            log_ss = zs.exp().sum(dim=-1).log()                          # [r, g]
+            et = zt.exp()
+            st = et.sum(dim=-1)
+            kl = zt.sub_(zs).mul_(et).sum(dim=-1) / st - st.log() + log_ss
+            out[sl] = kl.sum(dim=-1)
+            lse_s[sl] = ms.squeeze(-1) + log_ss
+            lse_t[sl] = mt.squeeze(-1) + st.log()
+        ctx.save_for_backward(s_rows, t_rows, s_cols, t_cols, col_bias, lse_s, lse_t)
+        ctx.opts = (scale, bias_scale, groups, rows)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        s_rows, t_rows, s_cols, t_cols, col_bias, lse_s, lse_t = ctx.saved_tensors
+        scale, bias_scale, groups, rows = ctx.opts
+        need_rows, need_cols = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        grad_rows = torch.empty_like(s_rows) if need_rows else None
+        grad_cols = torch.zeros_like(s_cols) if need_cols else None
+        if need_rows or need_cols:
+            for start in range(0, s_rows.shape[0], rows):
+                sl = slice(start, start + rows)
+                ps = _logits(s_rows[sl], s_cols, col_bias, scale, bias_scale, groups)
+                pt = _logits(t_rows[sl], t_cols, col_bias, scale, bias_scale, groups)
+                ps.sub_(lse_s[sl, :, None]).exp_()
+                pt.sub_(lse_t[sl, :, None]).exp_()
+                g = ps.sub_(pt).mul_((grad_out[sl] * scale)[:, None, None]).view(ps.shape[0], -1)
+                if need_rows:
+                    grad_rows[sl] = g @ s_cols
+                if need_cols:
+                    grad_cols.addmm_(g.T, s_rows[sl])
+        return grad_rows, None, grad_cols, None, None, None, None, None, None
+
+
+def _kl_along(zs: torch.Tensor, zt: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax along ``dim`` of two [A, A'] logit blocks: (sum of the per-anchor KL(p_t || p_s), lse_s, lse_t)."""
+    lse_s = zs.logsumexp(dim=dim, keepdim=True)
+    lse_t = zt.logsumexp(dim=dim, keepdim=True)
+    kl = ((zt - lse_t).exp() * (zt - zs)).sum(dim=dim, keepdim=True) - lse_t + lse_s
+    return kl.sum(), lse_s.flatten(), lse_t.flatten()
+
+
+class _PairRelationKL(torch.autograd.Function):
+    """CIRKD's pair-scope pixel relations, summed: sum over ordered image pairs (i, j) and anchor pixels of i of
+    KL(softmax_j(t_i . t_j * scale) || softmax_j(s_i . s_j * scale)). fs, ft: [B, A, C] (L2-normalised rows).
+
+    Block (j, i) of a self-relation matrix is block (i, j) transposed, so each unordered pair's block is
+    multiplied once and used twice: softmax along its rows (anchors in i) and along its columns (anchors in j).
+    That halves the matmuls of the row-chunked form (B (B + 1) / 2 blocks instead of B^2), forward and
+    backward. Closed-form backward as :class:`_RowKL`; saved: the inputs and [B, B, A] log-sum-exps.
+    Intermediates are A x A, so this form is used when A^2 <= max_elements (else the row-chunked one)."""
+
+    @staticmethod
+    def forward(ctx, fs: torch.Tensor, ft: torch.Tensor, scale: float) -> torch.Tensor:
+        b, a, _ = fs.shape
+        lse_s = fs.new_empty(b, b, a)       # [anchor image, contrast image, anchor pixel]
+        lse_t = fs.new_empty(b, b, a)
+        total = fs.new_zeros(())
+        for i in range(b):
+            for j in range(i, b):
+                zs = (fs[i] @ fs[j].T).mul_(scale)
+                zt = (ft[i] @ ft[j].T).mul_(scale)
+                kl, lse_s[i, j], lse_t[i, j] = _kl_along(zs, zt, 1)
+                total += kl
+                if j != i:
+                    kl, lse_s[j, i], lse_t[j, i] = _kl_along(zs, zt, 0)
+                    total += kl
+        ctx.save_for_backward(fs, ft, lse_s, lse_t)
+        ctx.scale = scale
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        fs, ft, lse_s, lse_t = ctx.saved_tensors
+        b = fs.shape[0]
+        w = grad_out * ctx.scale
+        grad = torch.zeros_like(fs)
+        for i in range(b):
+            for j in range(i, b):
+                zs = (fs[i] @ fs[j].T).mul_(ctx.scale)
+                zt = (ft[i] @ ft[j].T).mul_(ctx.scale)
+                # d/dz of the row-direction KLs (anchors in i): p_s - p_t along rows
+                g = (zs - lse_s[i, j][:, None]).exp_().sub_((zt - lse_t[i, j][:, None]).exp_())
+                if j != i:   # and of the column-direction ones (anchors in j), on the same block
+                    g += (zs - lse_s[j, i][None, :]).exp_().sub_((zt - lse_t[j, i][None, :]).exp_())
+                g.mul_(w)
+                grad[i].addmm_(g, fs[j])
+                grad[j].addmm_(g.T, fs[i])
+        return grad, None, None
+
+
 def chunked_row_kl(s_rows: torch.Tensor, t_rows: torch.Tensor, s_cols: torch.Tensor, t_cols: torch.Tensor, *,
                    temperature: float, kd_temperature: float = 1.0, groups: int = 1,
                    col_bias: torch.Tensor | None = None, max_elements: int = DEFAULT_MAX_ELEMENTS,
-                   max_rows_per_chunk: int | None = None, use_checkpoint: bool = True) -> torch.Tensor:
-    """Per-row relation KL [R] without materialising the R x M relation matrices (see module doc)."""
+                   max_rows_per_chunk: int | None = None, closed_form: bool = True) -> torch.Tensor:
+    """Per-row relation KL [R] without materialising the R x M relation matrices (see module doc).
+
+    ``closed_form`` (default): :class:`_RowKL`, which keeps O((R + M) C) for backward. False: the plain
+    formula per chunk under autograd (every chunk's r x M intermediates are kept; for cross-checks)."""
     n_rows, n_cols = s_rows.shape[0], s_cols.shape[0]
     rows = rows_per_chunk(n_cols, max_elements, max_rows_per_chunk)
-    fn = functools.partial(_row_kl, temperature=temperature, kd_temperature=kd_temperature, groups=groups)
-    grad = torch.is_grad_enabled() and (s_rows.requires_grad or s_cols.requires_grad)
-    out = []
-    for start in range(0, n_rows, rows):
-        args = (s_rows[start:start + rows], t_rows[start:start + rows], s_cols, t_cols, col_bias)
-        if grad and use_checkpoint and n_rows > rows:
-            out.append(checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False))
-        else:
-            out.append(fn(*args))
+    if closed_form:
+        bias = None if col_bias is None else col_bias.detach()
+        return _RowKL.apply(s_rows, t_rows.detach(), s_cols, t_cols.detach(), bias,
+                            1.0 / (temperature * kd_temperature), 1.0 / kd_temperature, groups, rows)
+    out = [_row_kl(s_rows[a:a + rows], t_rows[a:a + rows], s_cols, t_cols, col_bias, temperature, kd_temperature,
+                   groups) for a in range(0, n_rows, rows)]
     return torch.cat(out) if len(out) > 1 else out[0]
 
 
@@ -159,7 +288,7 @@ def relation_pool(x: torch.Tensor, mode: str, size: int, min_size: int = 0) -> t
 
 def cirkd_pixel_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, temperature: float = 0.1,
                      scope: str = "pair", pool_size: int = 4, max_elements: int = DEFAULT_MAX_ELEMENTS,
-                     max_rows_per_chunk: int | None = None, use_checkpoint: bool = True,
+                     max_rows_per_chunk: int | None = None, closed_form: bool = True,
                      pool_mode: str = "avg", pool_min_size: int = 256) -> torch.Tensor:
     """CIRKD pixel-to-pixel cross-image relation distillation over the mini-batch.
 
@@ -180,8 +309,12 @@ def cirkd_pixel_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, 
         ft = _pixels(F.normalize(t, dim=1))
         n = fs.shape[0]
         groups = b if scope == "pair" else 1
+        a = n // b
+        if (scope == "pair" and closed_form and a * a <= max_elements
+                and (max_rows_per_chunk is None or max_rows_per_chunk >= a)):
+            return _PairRelationKL.apply(fs.view(b, a, -1), ft.view(b, a, -1), 1.0 / temperature) / (n * groups)
         kl = chunked_row_kl(fs, ft, fs, ft, temperature=temperature, groups=groups, max_elements=max_elements,
-                            max_rows_per_chunk=max_rows_per_chunk, use_checkpoint=use_checkpoint)
+                            max_rows_per_chunk=max_rows_per_chunk, closed_form=closed_form)
         return kl.sum() / (n * groups)
 
 
@@ -198,7 +331,7 @@ def cirkd_region_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, ta
                       num_classes: int, temperature: float = 0.1, kd_temperature: float = 1.0,
                       region_source: str = "teacher", ignore_index: int = 255,
                       max_elements: int = DEFAULT_MAX_ELEMENTS, max_rows_per_chunk: int | None = None,
-                      use_checkpoint: bool = True) -> torch.Tensor:
+                      closed_form: bool = True) -> torch.Tensor:
     """CIRKD pixel-to-region relation distillation with in-batch class-region embeddings.
 
     student_feat, teacher_feat: [B, C, h, w] (same shape when region_source="teacher"); target
@@ -224,7 +357,7 @@ def cirkd_region_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, ta
         kl = chunked_row_kl(fs.transpose(1, 2).reshape(b * h * w, -1), ft.transpose(1, 2).reshape(b * h * w, -1),
                             reg_s, reg_t, temperature=temperature, kd_temperature=kd_temperature, col_bias=bias,
                             max_elements=max_elements, max_rows_per_chunk=max_rows_per_chunk,
-                            use_checkpoint=use_checkpoint)
+                            closed_form=closed_form)
         return (kd_temperature ** 2) * masked_mean(kl, valid.reshape(-1))
 
 
@@ -232,7 +365,7 @@ def cirkd_memory_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, ta
                       memory: torch.Tensor, *, num_classes: int, temperature: float = 0.1,
                       kd_temperature: float = 1.0, ignore_index: int = 255,
                       max_elements: int = DEFAULT_MAX_ELEMENTS, max_rows_per_chunk: int | None = None,
-                      use_checkpoint: bool = True) -> torch.Tensor:
+                      closed_form: bool = True) -> torch.Tensor:
     """Relation KD of every valid pixel against a bank of teacher embeddings.
 
     student_feat, teacher_feat: [B, C, h, w]; target [B, H, W]; memory [M, C] (L2-normalised teacher
@@ -253,7 +386,7 @@ def cirkd_memory_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, ta
         mem = memory.detach().float()
         kl = chunked_row_kl(fs, ft, mem, mem, temperature=temperature, kd_temperature=kd_temperature,
                             max_elements=max_elements, max_rows_per_chunk=max_rows_per_chunk,
-                            use_checkpoint=use_checkpoint)
+                            closed_form=closed_form)
         return (kd_temperature ** 2) * masked_mean(kl, valid)
 
 
