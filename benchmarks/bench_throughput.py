@@ -124,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                                "optim.impl=foreach")),
             ]
         variants = [v for v in variants if v[0] in wanted]
-        labels = {"a": "student only (ce)", "b": "C2VKD, live teacher", "c": "C2VKD, teacher cache",
-                  "d": "C2VKD, live teacher in bf16 + channels-last", "e": "student only, foreach AdamW"}
+        method = Path(args.method).stem.upper()  # the preset timed in (b), (c), (d)
+        labels = {"a": "student only (ce)", "b": f"{method}, live teacher", "c": f"{method}, teacher cache",
+                  "d": f"{method}, live teacher in bf16 + channels-last", "e": "student only, foreach AdamW"}
         runs = []
         for name, amp, c in variants:
             tr = Trainer(c, run_dir=work / f"{name}_{amp}")
