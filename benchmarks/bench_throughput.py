@@ -80,6 +80,10 @@ def base_overrides(args: argparse.Namespace, root: str, out: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    wanted = {"a"} | {v.strip() for v in args.variants.split(",") if v.strip()}
+    unknown = wanted - set("abcde")
+    if unknown:
+        raise SystemExit(f"--variants: unknown variant(s) {sorted(unknown)}; choose from a, b, c, d, e")
     if args.threads:
         torch.set_num_threads(args.threads)
     from c2vkd.config import load_config
@@ -102,28 +106,22 @@ def main(argv: list[str] | None = None) -> int:
         layers = [args.method] if method else []
         return load_config(args.data_config, [*base, *extra], layers=layers)
 
+    student_only = ("teacher.name=null", "losses=[{name: ce, weight: 1.0}]")
+    # variant -> (overrides, layered with the --method preset); the amp mode is added per timed mode
+    recipes = {"a": (student_only, False), "b": (tuple(teacher), True),
+               "c": ((*teacher, f"teacher.cache={cache_dir}"), True),
+               "d": ((*teacher, "teacher.amp=bf16", "teacher.channels_last=true"), True),
+               "e": ((*student_only, "optim.impl=foreach"), False)}
+
     try:
-        # (c) needs the cache first: build it with the cache-teacher defaults (teacher in fp32)
-        t0 = time.perf_counter()
-        index = build_teacher_cache(cfg(*teacher, "train.amp=off", method=True), cache_dir, topk=args.topk,
-                                    downsample=args.downsample, dtype=args.cache_dtype, progress=False)
-        build_s = time.perf_counter() - t0
-        variants: list[tuple[str, str, dict]] = []
-        wanted = {"a"} | {v.strip() for v in args.variants.split(",") if v.strip()}
-        unknown = wanted - set("abcde")
-        if unknown:
-            raise SystemExit(f"--variants: unknown variant(s) {sorted(unknown)}; choose from a, b, c, d, e")
-        for amp in amps:
-            variants += [
-                ("a", amp, cfg("teacher.name=null", "losses=[{name: ce, weight: 1.0}]", f"train.amp={amp}")),
-                ("b", amp, cfg(*teacher, f"train.amp={amp}", method=True)),
-                ("c", amp, cfg(*teacher, f"teacher.cache={cache_dir}", f"train.amp={amp}", method=True)),
-                ("d", amp, cfg(*teacher, "teacher.amp=bf16", "teacher.channels_last=true", f"train.amp={amp}",
-                               method=True)),
-                ("e", amp, cfg("teacher.name=null", "losses=[{name: ce, weight: 1.0}]", f"train.amp={amp}",
-                               "optim.impl=foreach")),
-            ]
-        variants = [v for v in variants if v[0] in wanted]
+        index, build_s = None, None
+        if "c" in wanted:  # (c) needs the cache first: build it with the cache-teacher defaults (teacher in fp32)
+            t0 = time.perf_counter()
+            index = build_teacher_cache(cfg(*teacher, "train.amp=off", method=True), cache_dir, topk=args.topk,
+                                        downsample=args.downsample, dtype=args.cache_dtype, progress=False)
+            build_s = time.perf_counter() - t0
+        variants = [(name, amp, cfg(*recipes[name][0], f"train.amp={amp}", method=recipes[name][1]))
+                    for amp in amps for name in "abcde" if name in wanted]
         method = Path(args.method).stem.upper()  # the preset timed in (b), (c), (d)
         labels = {"a": "student only (ce)", "b": f"{method}, live teacher", "c": f"{method}, teacher cache",
                   "d": f"{method}, live teacher in bf16 + channels-last", "e": "student only, foreach AdamW"}
@@ -160,9 +158,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{torch.get_num_threads()} threads): {args.student} student, {args.teacher} teacher, "
               f"{args.crop}x{args.crop} crops, batch {args.batch}, {args.warmup} warm-up + {args.iters} timed "
               f"iterations x {args.rounds} round(s), pool {args.pool}, {args.num_workers} workers")
-        print(f"teacher cache: {index['views']} views, top-{index['topk']} of {index['num_classes']} logits at "
-              f"{index['logits_hw'][0]}x{index['logits_hw'][1]}, taps {sorted(index['taps'])}, {index['dtype']}, "
-              f"{index['bytes_per_view'] / 2**10:.1f} KiB/view, built in {build_s:.1f} s")
+        if index is not None:
+            print(f"teacher cache: {index['views']} views, top-{index['topk']} of {index['num_classes']} logits at "
+                  f"{index['logits_hw'][0]}x{index['logits_hw'][1]}, taps {sorted(index['taps'])}, "
+                  f"{index['dtype']}, {index['bytes_per_view'] / 2**10:.1f} KiB/view, built in {build_s:.1f} s")
         print("\n| variant | amp | img/s | s/iter | vs (a) amp off | time / (a)'s, paired by round: median [min, max] |"
               "\n|---|---|---|---|---|---|")
         results = []
@@ -189,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps({"args": vars(args), "device": str(dev), "torch": torch.__version__,
                                                    "threads": torch.get_num_threads(), "cache_build_s": build_s,
-                                                   "cache": {k: index[k] for k in ("views", "topk", "downsample",
-                                                                                   "dtype", "bytes_per_view")},
+                                                   "cache": index and {k: index[k] for k in (
+                                                       "views", "topk", "downsample", "dtype", "bytes_per_view")},
                                                    "results": results}, indent=1))
     finally:
         if not args.workdir:
