@@ -189,3 +189,38 @@ def test_sigterm_saves_checkpoint_exits_clearly_and_resumes(data: Path, straight
     log = _resume_in_process(data, run)
     assert f"resumed from {ckpt} at iteration {stopped_at}" in log
     _assert_same_student(run / "student.safetensors", straight.student())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_the_process_group_with_loader_workers_still_checkpoints(data: Path, sig: int) -> None:
+    """A scheduler's group kill (Slurm's scancel, `kill -- -PGID`) or Ctrl-C in a terminal signals the DataLoader
+    workers too, not only the main process: the run must still end with its checkpoint, not a worker crash."""
+    run = data.parent / f"group-{sig}"
+    cmd = [sys.executable, "-m", "c2vkd", "train", str(data / "empty.yaml"), "--run-dir", str(run),
+           *(a for o in _overrides(data) for a in ("--set", o)), "--set", "data.num_workers=2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env((1.0, 3)), cwd=run.parent, start_new_session=True)
+
+    def logged_two() -> bool:
+        m = run / "metrics.jsonl"
+        return m.is_file() and len(m.read_text().splitlines()) >= 2
+
+    _wait_for(logged_two, proc, "two logged iterations")
+    os.killpg(proc.pid, sig)
+    rc, _, err = _finish(proc)
+    assert rc == 128 + sig, err[-6000:]
+    m = re.search(rf"stopped by {signal.Signals(sig).name} at iteration (\d+): checkpoint saved to (\S+);", err)
+    assert m, err[-6000:]
+    assert Path(m.group(2)).is_file()
+    assert "Traceback" not in err, err[-6000:]
+    # and no worker outlives the run (the loader's shutdown, else torch's watchdog, ends them)
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("DataLoader workers still alive 30 s after the run stopped")

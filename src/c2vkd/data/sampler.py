@@ -41,6 +41,7 @@ function of ``(seed, epoch, position)``.
 from __future__ import annotations
 
 import random
+import signal
 from typing import Iterator, Sized
 
 import numpy as np
@@ -209,6 +210,21 @@ def seed_worker(worker_id: int) -> None:
     random.seed(s)
 
 
+def init_worker(worker_id: int) -> None:
+    """``worker_init_fn`` of every loader: :func:`seed_worker`, then SIGTERM ignored in the worker.
+
+    A scheduler's group kill (Slurm's scancel, ``kill -- -PGID``, ``pkill -f``) sends SIGTERM to the workers as
+    well as to the main process. torch's worker handler dies on a SIGTERM from anyone but its parent, and the
+    main process then fails on "DataLoader worker ... killed by signal" before the trainer's checkpoint-and-stop
+    (engine/failures.py ``StopSignals``) can run. Ignored here, the main process alone decides: it finishes the
+    step, checkpoints, and shuts the workers down through the loader's done event (a worker whose parent has
+    gone also exits on its own: torch's watchdog). SIGINT (Ctrl-C to the terminal's group) needs nothing: a
+    worker already leaves quietly on it. SIGKILL still kills.
+    """
+    seed_worker(worker_id)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_dataloader(
     dataset: Dataset,
     *,
@@ -258,7 +274,7 @@ def build_dataloader(
         num_workers=int(num_workers),
         collate_fn=seg_collate,
         pin_memory=torch.cuda.is_available(),
-        worker_init_fn=seed_worker,
+        worker_init_fn=init_worker,
         # A private generator for the workers' base seed: otherwise creating the iterator draws from
         # the global torch RNG and silently shifts everything seeded after it (e.g. model init).
         generator=torch.Generator().manual_seed(mix_seed(seed, rank)),
