@@ -56,11 +56,13 @@ def _overrides(data: Path) -> list[str]:
     ]
 
 
-def _start(data: Path, run_dir: Path, *extra: str, sleep: tuple[float, int] | None = None) -> subprocess.Popen:
+def _start(data: Path, run_dir: Path, *extra: str, sleep: tuple[float, int] | None = None,
+           new_session: bool = False) -> subprocess.Popen:
+    """A `c2vkd train` child; ``new_session``: in its own process group (for signals to the whole group)."""
     cmd = [sys.executable, "-m", "c2vkd", "train", str(data / "empty.yaml"), "--run-dir", str(run_dir),
            *(a for o in _overrides(data) for a in ("--set", o)), *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(sleep),
-                            cwd=run_dir.parent)
+                            cwd=run_dir.parent, start_new_session=new_session)
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str, str]:
@@ -90,6 +92,14 @@ def _wait_for(cond, proc: subprocess.Popen, what: str, timeout: float = 120) -> 
             _, out, err = _finish(proc)
             pytest.fail(f"timed out waiting for {what}:\n{err[-6000:]}")
         time.sleep(0.02)
+
+
+def _logged(run_dir: Path, n: int):
+    """Condition for :func:`_wait_for`: the run has logged at least ``n`` iterations."""
+    def cond() -> bool:
+        m = run_dir / "metrics.jsonl"
+        return m.is_file() and len(m.read_text().splitlines()) >= n
+    return cond
 
 
 def _resume_in_process(data: Path, run_dir: Path) -> str:
@@ -169,12 +179,7 @@ def test_sigkill_after_checkpoint_then_resume_auto_is_bitwise_identical(data: Pa
 def test_sigterm_saves_checkpoint_exits_clearly_and_resumes(data: Path, straight: _Straight) -> None:
     run = data.parent / "preempted"
     proc = _start(data, run, sleep=(1.0, 3))  # two fast steps, then 1 s per step
-
-    def logged_two() -> bool:
-        m = run / "metrics.jsonl"
-        return m.is_file() and len(m.read_text().splitlines()) >= 2
-
-    _wait_for(logged_two, proc, "two logged iterations")
+    _wait_for(_logged(run, 2), proc, "two logged iterations")
     proc.send_signal(signal.SIGTERM)
     rc, _, err = _finish(proc)
     assert rc == 128 + signal.SIGTERM, err[-6000:]
@@ -197,16 +202,8 @@ def test_signal_to_the_process_group_with_loader_workers_still_checkpoints(data:
     """A scheduler's group kill (Slurm's scancel, `kill -- -PGID`) or Ctrl-C in a terminal signals the DataLoader
     workers too, not only the main process: the run must still end with its checkpoint, not a worker crash."""
     run = data.parent / f"group-{sig}"
-    cmd = [sys.executable, "-m", "c2vkd", "train", str(data / "empty.yaml"), "--run-dir", str(run),
-           *(a for o in _overrides(data) for a in ("--set", o)), "--set", "data.num_workers=2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env((1.0, 3)), cwd=run.parent, start_new_session=True)
-
-    def logged_two() -> bool:
-        m = run / "metrics.jsonl"
-        return m.is_file() and len(m.read_text().splitlines()) >= 2
-
-    _wait_for(logged_two, proc, "two logged iterations")
+    proc = _start(data, run, "--set", "data.num_workers=2", sleep=(1.0, 3), new_session=True)
+    _wait_for(_logged(run, 2), proc, "two logged iterations")
     os.killpg(proc.pid, sig)
     rc, _, err = _finish(proc)
     assert rc == 128 + sig, err[-6000:]
