@@ -45,5 +45,6 @@ while true; do
       --set "data.root=$DATA" --set "teacher.cache=$CACHE" --set train.progress=false --out "$OUT" \
       --results "$RESULTS" --seeds "$seed," --methods "$method" --no-teacher-eval)
   fi
-  echo "$(date -u +%FT%TZ) end (rc=$?): $job"
+  rc=$?  # before the echo: its $(date) would replace $? with date's status
+  echo "$(date -u +%FT%TZ) end (rc=$rc): $job"
 done
