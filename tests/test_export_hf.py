@@ -86,7 +86,9 @@ def test_hf_export_loads_offline_and_matches_student_logits(sample_run: Path, tm
     for name, iou in zip(SAMPLE_CLASSES, ev["iou"]):
         assert (f"| {name} | {100 * iou:.2f} |" if iou is not None else f"| {name} | n/a |") in card
     assert "`toy_cnn`" in card and "teacher.safetensors" in card and "`kd` preset" in card
-    assert "2 iterations, batch 2" in card and "camvid" in card and "180x240" in card
+    assert "2 iterations, batch 2" in card and "camvid" in card
+    # how it was evaluated, not one size (the frames' 180x240 was read as "evaluated at 180x240": issue 30)
+    assert "| evaluation | split `test`; each image whole, at its native size; one forward pass |" in card
     assert f"c2vkd distill {sample_run}/config.yaml" in card and "c2vkd export RUN --format hf" in card
 
 

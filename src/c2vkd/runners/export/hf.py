@@ -14,6 +14,7 @@ from torch import nn
 
 from c2vkd.runners.export.verify import ExportError, max_diff
 from c2vkd.utils.io import sha256_file
+from c2vkd.utils.sizes import as_hw
 
 
 def preset_for_losses(losses: list[dict[str, Any]]) -> str | None:
@@ -33,9 +34,48 @@ def _fmt_pct(v: Any) -> str:
     return "n/a" if v is None else f"{100.0 * float(v):.2f}"
 
 
+def _hw(v: Any) -> str:
+    h, w = as_hw(v)
+    return f"{h}x{w}"
+
+
+def _windows(e: dict[str, Any]) -> str:
+    """``eval.window`` / ``eval.stride`` in words (the stride defaults to the window, as in predict_logits)."""
+    return f"{_hw(e['window'])} windows, stride {_hw(e['stride'] or e['window'])}"
+
+
+def _eval_transform(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The run's resolved ``data.eval_transform`` (defaults filled in, as the dataset builder sees it)."""
+    from c2vkd.data.build import resolve_data_cfg
+
+    return resolve_data_cfg(cfg["data"])["eval_transform"]
+
+
+def eval_protocol(cfg: dict[str, Any]) -> str:
+    """How the run's test numbers were measured: split, evaluation transform and inference mode, in words."""
+    t, e = _eval_transform(cfg), cfg["eval"]
+    split = e.get("final_split") or e.get("split")
+    where = f"split `{split}`" if split else "no evaluation split"
+    if t["mode"] == "resize":
+        how = (f"each image resized to {_hw(t['size'])} (bilinear, antialiased; aspect ratio not kept), logits "
+               "upsampled bilinearly to the image's native size")
+    elif t["mode"] == "center_crop":
+        how = f"the central {_hw(t['size'])} crop of each image (padded when smaller)"
+    else:
+        how = "each image whole, at its native size"
+    if e["mode"] == "slide":
+        how += f"; sliding {_windows(e)}"
+    elif e["mode"] == "center_crop":
+        how += f"; only the central {_hw(e['window'])} window predicted"
+    else:
+        how += "; one forward pass"
+    if list(e["scales"]) != [1.0] or e["flip"]:
+        how += f"; scales {list(e['scales'])}{' + horizontal flip' if e['flip'] else ''} (softmax averaged)"
+    return f"{where}; {how}"
+
+
 def model_card(*, title: str, model_name: str, cfg: dict[str, Any], classes: list[str], run_dir: Path,
-               checkpoint: Path, eval_hw: tuple[int, int], loads_with: str, verification: str,
-               command: str | None) -> str:
+               checkpoint: Path, loads_with: str, verification: str, command: str | None) -> str:
     """The README.md of an exported folder: what was distilled from what, on which data, how long, how
     good (``eval_test.json`` of the run when present), and the commands to use and reproduce it."""
     from c2vkd.engine.loss_config import needs_teacher
@@ -61,8 +101,8 @@ def model_card(*, title: str, model_name: str, cfg: dict[str, Any], classes: lis
         f"| schedule | {sch['iters']} iterations, batch {d['batch_size']}, {opt['name']} lr {opt['lr']} "
         f"(warm-up {sch['warmup_iters']}, poly {sch['power']}), crops {crop[0]}x{crop[1]}, seed "
         f"{cfg['experiment']['seed']} |",
-        f"| input | RGB scaled to [0, 1], normalised with mean {d['mean']} / std {d['std']}; evaluated at "
-        f"{eval_hw[0]}x{eval_hw[1]} |",
+        f"| input | RGB scaled to [0, 1], normalised with mean {d['mean']} / std {d['std']} |",
+        f"| evaluation | {eval_protocol(cfg)} |",
         f"| run | `{run_dir}`, checkpoint `{checkpoint.name}` |", "",
     ]
     ev = Path(run_dir) / "eval_test.json"
@@ -70,8 +110,8 @@ def model_card(*, title: str, model_name: str, cfg: dict[str, Any], classes: lis
         m = json.loads(ev.read_text())
         names = m.get("classes") or classes
         lines += [f"## Test mIoU: {_fmt_pct(m.get('miou'))} %", "",
-                  f"From `{ev.name}` of the run (split `{m.get('split', 'test')}`, eval mode "
-                  f"`{cfg['eval']['mode']}`).", "", "| class | IoU % |", "|---|---|"]
+                  f"From `{ev.name}` of the run (split `{m.get('split', 'test')}`, measured as the evaluation row "
+                  "above says).", "", "| class | IoU % |", "|---|---|"]
         lines += [f"| {n} | {_fmt_pct(v)} |" for n, v in zip(names, m.get("iou", []))]
         lines.append("")
     else:
@@ -244,7 +284,7 @@ def write_hf(model: nn.Module, name: str, meta: dict[str, Any], cfg: dict[str, A
             diff, how, loads = _generic_folder(model, name, classes, dict(meta.get("kwargs", {})), mean, std,
                                                eval_hw, tmp, check_x)
         card = model_card(title=f"{name} ({cfg['experiment']['name']})", model_name=name, cfg=cfg, classes=classes,
-                          run_dir=run_dir, checkpoint=ckpt, eval_hw=eval_hw, loads_with=loads,
+                          run_dir=run_dir, checkpoint=ckpt, loads_with=loads,
                           verification=how, command=command)
         (tmp / "README.md").write_text(card)
         if folder.exists():
