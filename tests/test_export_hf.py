@@ -1,22 +1,26 @@
 """`c2vkd export RUN --format hf`: a folder transformers loads offline, with the run's classes, normalisation,
-evaluation size and a model card; other students get a c2vkd/timm folder. Every comparison here is done
+preprocessing and a model card; other students get a c2vkd/timm folder. Every comparison here is done
 again by the test itself (hooks and transformers' own loaders), not read from the export's report."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.nn import functional as F
 
 import _toy
 from c2vkd.cli import main
-from c2vkd.config import load_config
+from c2vkd.config import dump_config, load_config
 from c2vkd.data import sample_root
 from c2vkd.engine.trainer import Trainer
 from c2vkd.engine.weights import save_student
-from c2vkd.runners.export import ExportError, export_run, load_run_student
+from c2vkd.runners.export import ExportError, export_run, find_checkpoint, load_run_student
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,7 +57,10 @@ def test_hf_export_loads_offline_and_matches_student_logits(sample_run: Path, tm
     proc = SegformerImageProcessor.from_pretrained(folder, local_files_only=True)
     assert hf.config.id2label == dict(enumerate(SAMPLE_CLASSES))
     assert hf.config.label2id == {c: i for i, c in enumerate(SAMPLE_CLASSES)}
-    assert proc.size == {"height": 180, "width": 240} and proc.do_reduce_labels is False
+    # eval_transform `whole`: c2vkd evaluates (and predicts) every image at its own size, so the processor
+    # resizes nothing (it used to resize to the first test frame's 180x240, squashing other sizes: issue 30)
+    assert proc.do_resize is False and proc.size is None and proc.do_reduce_labels is False
+    assert proc.resample == 2  # PIL BILINEAR, antialiased like c2vkd's resize_image (used by `resize` runs)
     cfg = load_config(sample_run / "config.yaml")
     assert list(proc.image_mean) == cfg["data"]["mean"] and list(proc.image_std) == cfg["data"]["std"]
 
@@ -88,7 +95,8 @@ def test_hf_export_loads_offline_and_matches_student_logits(sample_run: Path, tm
     assert "`toy_cnn`" in card and "teacher.safetensors" in card and "`kd` preset" in card
     assert "2 iterations, batch 2" in card and "camvid" in card
     # how it was evaluated, not one size (the frames' 180x240 was read as "evaluated at 180x240": issue 30)
-    assert "| evaluation | split `test`; each image whole, at its native size; one forward pass |" in card
+    assert ("| evaluation | split `test`; each image whole, at its native size; one forward pass |" in card
+            and "180x240" not in card)
     assert f"c2vkd distill {sample_run}/config.yaml" in card and "c2vkd export RUN --format hf" in card
 
 
@@ -111,8 +119,93 @@ def test_hf_export_command(sample_run: Path, tmp_path: Path, capsys: pytest.Capt
     assert f"c2vkd export {sample_run} --format hf,safetensors --out {tmp_path}" in card
 
 
+def _run_with(run: Path, dest: Path, overrides: list[str]) -> Path:
+    """A copy of ``run`` (same checkpoints and run id) whose config.yaml has ``overrides``: another evaluation
+    protocol for the same weights, without training again."""
+    shutil.copytree(run, dest)
+    (dest / "config.yaml").write_text(dump_config(load_config(dest / "config.yaml", overrides)))
+    return dest
+
+
+def _images(folder: Path, sizes: list[tuple[int, int]]) -> list[Path]:
+    """A real CamVid test frame resized to each (H, W), saved losslessly as PNG (NAME = HxW)."""
+    folder.mkdir()
+    with Image.open(sorted((sample_root() / "images/test").iterdir())[0]) as im:
+        frame = im.convert("RGB")
+    paths = [folder / f"{h}x{w}.png" for h, w in sizes]
+    for (h, w), path in zip(sizes, paths):
+        frame.resize((w, h), Image.BILINEAR).save(path)
+    return paths
+
+
+def card_snippet(card: str) -> str:
+    """The python block of the card's "Use it" section, as a user copies it."""
+    use = card.split("## Use it", 1)[1].split("\n## ", 1)[0]
+    found = re.search(r"```python\n(.*?)```", use, re.S)
+    assert found, f"no python block in the card's Use it section:\n{use}"
+    return found.group(1)
+
+
+def run_card_snippet(snippet: str, folder: Path, image: Path) -> np.ndarray:
+    """Exec the card's snippet unchanged but for its two placeholders (the folder and the image path);
+    returns its ``seg``."""
+    code = snippet.replace("'FOLDER'", repr(str(folder))).replace("'image.jpg'", repr(str(image)))
+    assert str(folder) in code and str(image) in code, snippet
+    scope: dict = {}
+    exec(compile(code, "<model card>", "exec"), scope)
+    return np.asarray(scope["seg"])
+
+
+# (H, W): landscape 4:3, portrait with odd sides, a small odd wide one; none is the 180x240 of the sample
+ANY_SIZES = [(240, 320), (243, 161), (97, 203)]
+
+
+@pytest.mark.parametrize("overrides", [[], ["data.eval_transform.mode=resize", "data.eval_transform.size=[120,160]"]],
+                         ids=["whole", "resize"])
+def test_model_card_snippet_agrees_with_predict_at_any_size(sample_run: Path, tmp_path: Path,
+                                                            overrides: list[str]) -> None:
+    """The card's own recipe (processor, model, post_process_semantic_segmentation) gives `c2vkd predict`'s
+    NAME_mask.png on images of sizes and aspect ratios other than the evaluation size (issue 30: a processor
+    that resized everything to the first test image's size agreed on 83-91 % of the pixels only)."""
+    run = _run_with(sample_run, tmp_path / "run", overrides) if overrides else sample_run
+    export_run(run, formats=["hf"], out_dir=tmp_path / "out")
+    folder = tmp_path / "out/hf"
+    images = _images(tmp_path / "images", ANY_SIZES)
+    assert main(["predict", str(run / "config.yaml"), "--checkpoint", str(find_checkpoint(run)),
+                 "--input", str(tmp_path / "images"), "--out", str(tmp_path / "pred")]) == 0
+    snippet = card_snippet((folder / "README.md").read_text())
+    for (h, w), image in zip(ANY_SIZES, images):
+        ours = np.asarray(Image.open(tmp_path / "pred" / f"{image.stem}_mask.png"))
+        theirs = run_card_snippet(snippet, folder, image)
+        assert ours.shape == theirs.shape == (h, w)
+        agree = float((ours == theirs).mean())
+        assert agree >= 0.999, f"{image.name}: the card's snippet agrees with c2vkd predict on {agree:.2%} only"
+
+
+def test_model_card_names_what_the_snippet_does_not_reproduce(sample_run: Path, tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """A protocol one transformers forward cannot follow (centre crop, sliding window, flip, autocast): the
+    card's evaluation line says what c2vkd did, the snippet stays the whole-image pass, and the card and the
+    export log say where `c2vkd predict` differs instead of claiming agreement."""
+    run = _run_with(sample_run, tmp_path / "run", [
+        "data.eval_transform.mode=center_crop", "data.eval_transform.size=[96,128]", "eval.mode=slide",
+        "eval.window=[64,64]", "eval.stride=[48,48]", "eval.flip=true", "train.amp=bf16"])
+    export_run(run, formats=["hf"], out_dir=tmp_path / "out")
+    card = (tmp_path / "out/hf/README.md").read_text()
+    assert ("| evaluation | split `test`; the central 96x128 crop of each image (padded when smaller); sliding 64x64 "
+            "windows, stride 48x48; scales [1.0] + horizontal flip (softmax averaged) |") in card
+    from transformers import SegformerImageProcessor
+
+    assert SegformerImageProcessor.from_pretrained(tmp_path / "out/hf").do_resize is False  # it cannot crop
+    assert "processor(images=image, return_tensors='pt')" in card_snippet(card)
+    reasons = ["central 96x128 crop", "slides 64x64 windows, stride 48x48", "`eval.flip` true", "bf16 autocast"]
+    assert "`seg` differs from `c2vkd predict`" in card and "writes as `NAME_mask.png`" not in card
+    assert all(r in card for r in reasons)
+    warned = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert all(r in warned for r in reasons)
+
+
 def _generic_run(tmp_path: Path, name: str, k: int = 3) -> tuple[Path, torch.nn.Module]:
-    from c2vkd.config import dump_config
     from c2vkd.data.synthetic import write_folder
     from c2vkd.models import build_model
 
@@ -163,7 +256,6 @@ def test_hf_export_keeps_segformer_config_overrides(tmp_path: Path) -> None:
     """student.kwargs change the architecture (here a 64-wide decoder): the HF config carries them."""
     from transformers import SegformerForSemanticSegmentation
 
-    from c2vkd.config import dump_config
     from c2vkd.data.synthetic import write_folder
     from c2vkd.models import build_model
 

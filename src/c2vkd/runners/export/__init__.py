@@ -31,12 +31,16 @@ transformers' ``save_pretrained`` (our SegFormer's parameter names *are* transfo
 state dict loads into ``SegformerForSemanticSegmentation`` strictly, with no key mapping; transformers writes
 its on-disk names itself and c2vkd reads them back through the one HF mapping in
 ``c2vkd.models.segformer`` - the export checks that round trip too), ``preprocessor_config.json``
-(``SegformerImageProcessor``: resize to the evaluation size, the run's mean/std, no label reduction),
+(``SegformerImageProcessor``: each image kept at its own size unless ``data.eval_transform`` is ``resize``,
+then resized to ``eval_transform.size`` as c2vkd evaluates; the run's mean/std, no label reduction; checked
+against c2vkd's evaluation transform on an image of another size),
 ``id2label``/``label2id`` from the dataset's classes, and a model card ``README.md`` (teacher, method, data,
-schedule, test mIoU and per-class IoU from ``eval_test.json`` when present, the commands). transformers'
-SegFormer returns logits at 1/4 of the input: the verification compares them with the student's decode-head
-output (the same 1/4 tensor, before c2vkd's upsampling), and their bilinear upsampling
-(``align_corners=False``, as c2vkd does) with the student's full-size logits. Other students: the same card,
+schedule, how it was evaluated, test mIoU and per-class IoU from ``eval_test.json`` when present, a
+transformers snippet that gives `c2vkd predict`'s mask at any image size, or names what of `c2vkd predict` it
+cannot reproduce, the commands). transformers' SegFormer returns logits at 1/4 of the input: the
+verification compares them with the student's decode-head output (the same 1/4 tensor, before c2vkd's
+upsampling), and their bilinear upsampling (``align_corners=False``, as c2vkd does) with the student's
+full-size logits. Other students: the same card,
 ``model.safetensors`` (c2vkd student format: ``c2vkd eval/predict --checkpoint``, ``build_model(NAME, K,
 pretrained=FOLDER)``), ``config.json``, and for timm encoders ``encoder/model.safetensors`` +
 ``encoder/config.json`` that ``timm.create_model(ARCH, num_classes=0)`` loads strictly.

@@ -1,9 +1,16 @@
 """The ``hf`` export: a folder that transformers (SegFormer students) or c2vkd / timm (other students) load,
-verified by loading it back, with a model card (``README.md``)."""
+verified by loading it back, with a model card (``README.md``).
+
+The SegFormer folder's image processor and the card's snippet reproduce `c2vkd predict` on an image of any
+size: ``data.eval_transform`` ``whole`` (the default) keeps every image at its own size (``do_resize`` false),
+``resize`` resizes every image to ``eval_transform.size`` as c2vkd does (bilinear, antialiased, aspect ratio
+not kept). What a single transformers forward cannot do (a centre crop, a sliding window, several scales or
+flips, autocast) is named in the card (:func:`predict_differences`)."""
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -15,6 +22,8 @@ from torch import nn
 from c2vkd.runners.export.verify import ExportError, max_diff
 from c2vkd.utils.io import sha256_file
 from c2vkd.utils.sizes import as_hw
+
+log = logging.getLogger("c2vkd")
 
 
 def preset_for_losses(losses: list[dict[str, Any]]) -> str | None:
@@ -51,6 +60,16 @@ def _eval_transform(cfg: dict[str, Any]) -> dict[str, Any]:
     return resolve_data_cfg(cfg["data"])["eval_transform"]
 
 
+def processor_resize(cfg: dict[str, Any]) -> tuple[int, int] | None:
+    """(H, W) the exported image processor resizes every image to, or None: keep each image's own size.
+
+    Only ``eval_transform.mode: resize`` resizes in c2vkd (to that fixed size, whatever the image's size).
+    ``whole`` and ``center_crop`` feed the image at its own size; the processor cannot crop, so a centre-crop
+    run gets the whole image (named in the card by :func:`predict_differences`)."""
+    t = _eval_transform(cfg)
+    return as_hw(t["size"]) if t["mode"] == "resize" else None
+
+
 def eval_protocol(cfg: dict[str, Any]) -> str:
     """How the run's test numbers were measured: split, evaluation transform and inference mode, in words."""
     t, e = _eval_transform(cfg), cfg["eval"]
@@ -72,6 +91,63 @@ def eval_protocol(cfg: dict[str, Any]) -> str:
     if list(e["scales"]) != [1.0] or e["flip"]:
         how += f"; scales {list(e['scales'])}{' + horizontal flip' if e['flip'] else ''} (softmax averaged)"
     return f"{where}; {how}"
+
+
+def predict_differences(cfg: dict[str, Any]) -> list[str]:
+    """What `c2vkd predict` does with this run's config that the card's single transformers forward does not
+    (empty: the snippet reproduces it). Mirrors ``runners/predict.Predictor``."""
+    t, e, amp = _eval_transform(cfg), cfg["eval"], cfg["train"]["amp"]
+    out = []
+    if t["mode"] == "center_crop":
+        out.append(f"`data.eval_transform` center_crop: c2vkd predicts only the central {_hw(t['size'])} crop, "
+                   "the processor keeps the whole image")
+    if e["mode"] != "whole":  # predict turns eval.mode center_crop into a sliding window of the same size
+        out.append(f"`eval.mode` {e['mode']}: c2vkd predict slides {_windows(e)}, the snippet runs one pass "
+                   "over the whole input")
+    if list(e["scales"]) != [1.0] or e["flip"]:
+        out.append(f"`eval.scales` {list(e['scales'])} / `eval.flip` {str(e['flip']).lower()}: c2vkd predict "
+                   "averages those passes, the snippet runs one")
+    if amp != "off":
+        out.append(f"`train.amp` {amp}: c2vkd predict runs the model under {amp} autocast, the snippet in float32")
+    return out
+
+
+def segformer_snippet(resize: tuple[int, int] | None) -> str:
+    """The card's transformers recipe: the image at ``'image.jpg'`` in, ``seg`` (class ids [H, W] at the image's
+    own size) out; ``'FOLDER'`` is the exported folder. With a resize it does two things the plain recipe does
+    not, both because c2vkd does them (each changes a few pixels otherwise): float pixels, so the resize is not
+    rounded to 8 bits, and logits upsampled to the network input before the image size."""
+    lines = ["import torch", *(["import numpy as np"] if resize else []), "from PIL import Image",
+             "from transformers import SegformerForSemanticSegmentation, SegformerImageProcessor", "",
+             "model = SegformerForSemanticSegmentation.from_pretrained('FOLDER').eval()",
+             "processor = SegformerImageProcessor.from_pretrained('FOLDER')",
+             "image = Image.open('image.jpg').convert('RGB')  # any size; no EXIF rotation, as in c2vkd"]
+    if resize is None:
+        lines.append("inputs = processor(images=image, return_tensors='pt')  # kept at its own size")
+    else:
+        lines += [f"# resized to {resize[0]}x{resize[1]} as c2vkd evaluates; float pixels: c2vkd resizes floats",
+                  "inputs = processor(images=np.asarray(image, dtype=np.float32), return_tensors='pt')"]
+    lines += ["with torch.no_grad():", "    outputs = model(**inputs)  # logits [1, K, h/4, w/4] of the input h x w"]
+    if resize is not None:
+        lines += ["# as c2vkd: logits to the network input size first, then to the image size",
+                  "outputs.logits = torch.nn.functional.interpolate(outputs.logits, "
+                  "size=inputs['pixel_values'].shape[-2:], mode='bilinear', align_corners=False)"]
+    lines.append("seg = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0]"
+                 "  # [H, W] class ids")
+    return "\n".join(lines)
+
+
+def _segformer_usage(cfg: dict[str, Any]) -> str:
+    """The card's "Use it" text for a SegFormer folder: the snippet and how it relates to `c2vkd predict`."""
+    resize, diffs = processor_resize(cfg), predict_differences(cfg)
+    pre = (f"resizes every image to {resize[0]}x{resize[1]} (aspect ratio not kept) as c2vkd evaluates"
+           if resize else "keeps every image at its own size (one image per call), as c2vkd evaluates")
+    same = ("`seg` is what `c2vkd predict` writes as `NAME_mask.png` for the same image, at any size and "
+            "aspect ratio (c2vkd's tests run this snippet against it)." if not diffs else
+            "`seg` differs from `c2vkd predict` with this run's config: " + "; ".join(diffs) + ".")
+    return (f"transformers (no c2vkd needed). The image processor scales RGB to [0, 1], normalises with the "
+            f"run's mean / std and {pre}; FOLDER is this folder (or its Hub id).\n\n```python\n"
+            f"{segformer_snippet(resize)}\n```\n\n{same}")
 
 
 def model_card(*, title: str, model_name: str, cfg: dict[str, Any], classes: list[str], run_dir: Path,
@@ -137,14 +213,37 @@ def decode_head_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
     return full, seen[-1]
 
 
-def _hf_segformer_folder(model: nn.Module, classes: list[str], mean: Sequence[float], std: Sequence[float],
-                         eval_hw: tuple[int, int], folder: Path, check_x: torch.Tensor,
-                         kwargs: dict[str, Any] | None = None) -> tuple[float, str]:
-    """Write transformers' SegFormer folder and verify it; returns (max |diff|, how it was verified)."""
+# A processor check at a size no run evaluates at, of another aspect ratio, with odd sides
+_PROCESSOR_CHECK_HW = (61, 97)
+
+
+def _processor_diff(proc: Any, resize: tuple[int, int] | None, mean: Sequence[float], std: Sequence[float]) -> float:
+    """Max |difference| between the exported processor, fed as the card's snippet feeds it, and c2vkd's own
+    evaluation transform (:class:`c2vkd.data.transforms.EvalTransform`) on a random image."""
     import numpy as np
+
+    from c2vkd.data.transforms import EvalTransform
+
+    img = np.random.default_rng(0).integers(0, 256, size=(*_PROCESSOR_CHECK_HW, 3), dtype=np.uint8)
+    pixels = img.astype(np.float32) if resize else img  # as segformer_snippet: float pixels when resizing
+    got = torch.as_tensor(proc(images=pixels, return_tensors="pt")["pixel_values"])[0]
+    ours = EvalTransform("resize" if resize else "whole", resize, mean, std)
+    want, _ = ours(torch.from_numpy(img).permute(2, 0, 1).contiguous(), torch.zeros(_PROCESSOR_CHECK_HW))
+    if got.shape != want.shape:
+        raise ExportError(f"hf export: the image processor gives {tuple(got.shape)} for a {_PROCESSOR_CHECK_HW} "
+                          f"image, c2vkd's evaluation transform {tuple(want.shape)}")
+    return max_diff(got, want)
+
+
+def _hf_segformer_folder(model: nn.Module, classes: list[str], mean: Sequence[float], std: Sequence[float],
+                         resize: tuple[int, int] | None, folder: Path, check_x: torch.Tensor,
+                         kwargs: dict[str, Any] | None = None) -> tuple[float, str]:
+    """Write transformers' SegFormer folder and verify it; returns (max |diff|, how it was verified).
+    resize: :func:`processor_resize` (None: the processor keeps each image's size)."""
     import transformers
     from torch.nn import functional as F
     from transformers import SegformerForSemanticSegmentation, SegformerImageProcessor
+    from transformers.image_utils import PILImageResampling
 
     from c2vkd.engine.weights import fit_state_dict
     from c2vkd.models import build_model
@@ -156,10 +255,12 @@ def _hf_segformer_folder(model: nn.Module, classes: list[str], mean: Sequence[fl
     # our SegFormer owns transformers' own submodules (segformer.*, decode_head.*): a strict load, no renaming
     fit_state_dict(hf, model.state_dict(), what="student state dict",
                    arch="transformers' SegformerForSemanticSegmentation", error=ExportError)
-    h, w = eval_hw
-    processor = SegformerImageProcessor(do_resize=True, size={"height": h, "width": w}, do_rescale=True,
-                                        rescale_factor=1 / 255, do_normalize=True, image_mean=list(mean),
-                                        image_std=list(std), do_reduce_labels=False)
+    # size None is saved as null: no size a reader could take for the one the model wants. BILINEAR is
+    # antialiased when shrinking, like c2vkd's resize_image; x/255 then (x - mean) / std, like normalize
+    processor = SegformerImageProcessor(
+        do_resize=resize is not None, size=None if resize is None else {"height": resize[0], "width": resize[1]},
+        resample=PILImageResampling.BILINEAR, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+        image_mean=list(mean), image_std=list(std), do_reduce_labels=False)
     transformers.logging.disable_progress_bar()
     try:
         hf.save_pretrained(str(folder))
@@ -181,16 +282,12 @@ def _hf_segformer_folder(model: nn.Module, classes: list[str], mean: Sequence[fl
                        **(kwargs or {})).eval()
     with torch.no_grad():
         diffs["c2vkd"] = max_diff(back(check_x), ref_full)
-    # the processor: resize to the evaluation size, scale, normalise with the run's mean/std
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-    pv = torch.as_tensor(proc(images=img, return_tensors="pt")["pixel_values"])
-    want = (torch.from_numpy(img).permute(2, 0, 1).float() / 255 - torch.tensor(mean)[:, None, None]) / \
-        torch.tensor(std)[:, None, None]
-    diffs["processor"] = max_diff(pv[0], want)
+    diffs["processor"] = _processor_diff(proc, resize, mean, std)
+    pre = f"resize to {resize[0]}x{resize[1]}" if resize else "no resize"
     how = (f"transformers {transformers.__version__} from_pretrained: logits at 1/4 vs the student's decode head "
            f"{diffs['1/4']:.1e}, bilinearly upsampled (align_corners=False) vs the student's logits "
-           f"{diffs['full']:.1e}; c2vkd reload {diffs['c2vkd']:.1e}; SegformerImageProcessor vs (x/255-mean)/std "
+           f"{diffs['full']:.1e}; c2vkd reload {diffs['c2vkd']:.1e}; SegformerImageProcessor ({pre}) vs c2vkd's "
+           f"evaluation transform on a {_PROCESSOR_CHECK_HW[0]}x{_PROCESSOR_CHECK_HW[1]} image "
            f"{diffs['processor']:.1e}")
     return max(diffs.values()), how
 
@@ -270,16 +367,11 @@ def write_hf(model: nn.Module, name: str, meta: dict[str, Any], cfg: dict[str, A
     tmp.mkdir(parents=True)
     try:
         if isinstance(model, SegFormer):
-            diff, how = _hf_segformer_folder(model, classes, mean, std, eval_hw, tmp, check_x,
+            diff, how = _hf_segformer_folder(model, classes, mean, std, processor_resize(cfg), tmp, check_x,
                                              dict(meta.get("kwargs", {})))
-            loads = ("transformers (no c2vkd needed):\n\n```python\nfrom transformers import "
-                     "SegformerForSemanticSegmentation, SegformerImageProcessor\n"
-                     "model = SegformerForSemanticSegmentation.from_pretrained('FOLDER').eval()\n"
-                     "processor = SegformerImageProcessor.from_pretrained('FOLDER')\n"
-                     "inputs = processor(images=image, return_tensors='pt')\n"
-                     "logits = model(**inputs).logits  # [B, K, H/4, W/4]: upsample bilinearly (align_corners=False)"
-                     "\nseg = processor.post_process_semantic_segmentation(model(**inputs), "
-                     "target_sizes=[image.size[::-1]])[0]\n```")
+            loads = _segformer_usage(cfg)
+            for why in predict_differences(cfg):
+                log.warning("hf export: the model card's transformers snippet will not match c2vkd predict: %s", why)
         else:
             diff, how, loads = _generic_folder(model, name, classes, dict(meta.get("kwargs", {})), mean, std,
                                                eval_hw, tmp, check_x)
