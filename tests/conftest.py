@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Idle OpenMP threads sleep instead of spinning: on a 2-core machine shared with another job, spinning
 # threads stall each other and torch ops get 10-100x slower. Must be set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# per-user caches (the pre-flight's label scan, data/preflight.py) go to a temporary folder, never ~/.cache
+os.environ["C2VKD_CACHE_DIR"] = tempfile.mkdtemp(prefix="c2vkd-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -86,6 +86,9 @@ DEFAULTS: dict[str, Any] = {
         "augment_pool": 0,
         "augment_pool_seed": None,  # seed of the pool's views; null -> experiment.seed (an int lets several
                                     # experiment seeds share one pool, hence one teacher cache)
+        # Pre-flight label values (data/preflight.py): auto = every label when cheap, else a sample (logged);
+        # full = every label; off. Results are cached per file (size, mtime), so reruns decode nothing.
+        "label_check": "auto",
     },
     "student": {
         "name": "segformer_b0",

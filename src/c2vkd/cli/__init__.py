@@ -8,6 +8,7 @@ Every command that takes a CONFIG accepts `--set key=value` (repeatable) overrid
 """
 from __future__ import annotations
 
+import re
 import sys
 
 from c2vkd.cli.commands import (cmd_cache_teacher, cmd_compare, cmd_config, cmd_data, cmd_demo, cmd_eval, cmd_export,
@@ -16,7 +17,24 @@ from c2vkd.cli.commands import (cmd_cache_teacher, cmd_compare, cmd_config, cmd_
 from c2vkd.cli.parser import build_parser
 from c2vkd.config import ConfigError
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "worker_error_line"]
+
+_WORKER_ERROR = re.compile(r"^Caught (\w+) in DataLoader worker process (\d+)\.")
+
+
+def worker_error_line(msg: str) -> str:
+    """A data-loader worker's error as one line: torch re-raises it in the main process with the worker's whole
+    traceback in the message; the user needs its last line (which names the file), and where it came from."""
+    m = _WORKER_ERROR.match(msg)
+    if not m:
+        return msg
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    last = lines[-1]
+    prefix = f"{m.group(1)}: "
+    cut = last.find(prefix)  # "c2vkd.data.base.DatasetError: PATH: ..." -> "PATH: ..."
+    if cut >= 0:
+        last = last[cut + len(prefix):]
+    return f"{last} (raised in data-loader worker {m.group(2)})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("C2VKD_DEBUG"):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        msg = worker_error_line(msg)
         print(f"c2vkd {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

@@ -34,6 +34,10 @@ def _merge(cfg: Mapping[str, Any], defaults: Mapping[str, Any], where: str) -> d
     return out
 
 
+#: ``data.label_check``: the pre-flight label-value scan (data/preflight.py)
+LABEL_CHECK_MODES = ("auto", "full", "off")
+
+
 def resolve_data_cfg(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Fill defaults and validate keys of a ``data:`` section (returns a new dict)."""
     cfg = _merge(data_cfg, DEFAULT_DATA_CFG, "data")
@@ -42,6 +46,9 @@ def resolve_data_cfg(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(cfg["splits"], Mapping):
         raise ValueError(f"data.splits must map logical split names to on-disk names, got {cfg['splits']!r}")
     check_augment_pool(cfg["augment_pool"])
+    if cfg["label_check"] not in LABEL_CHECK_MODES:
+        raise ValueError(f"data.label_check must be one of {', '.join(LABEL_CHECK_MODES)}, "
+                         f"got {cfg['label_check']!r}")
     ps = cfg["augment_pool_seed"]
     if ps is not None and (isinstance(ps, bool) or not isinstance(ps, int)):
         raise ValueError(f"data.augment_pool_seed must be an integer or null, got {ps!r}")

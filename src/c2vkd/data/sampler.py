@@ -49,6 +49,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from c2vkd.data.base import seg_collate
+from c2vkd.data.workers import TrackedDataLoader
 
 _M64 = (1 << 64) - 1
 _TAG_PERM = 0x5045524D  # "PERM": domain tags keep permutation and augmentation seeds independent
@@ -266,7 +267,7 @@ def build_dataloader(
     kwargs: dict = {}
     if num_workers > 0:
         kwargs.update(persistent_workers=True, prefetch_factor=2)
-    return DataLoader(
+    return TrackedDataLoader(  # data/workers.py: its workers are shut down even when a run dies
         dataset,
         batch_size=int(batch_size),
         sampler=sampler,

@@ -9,7 +9,9 @@
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import logging
 import secrets
 import time
@@ -41,7 +43,7 @@ def refuse_used(run_dir: Path, *, world: int = 1, device: torch.device | None = 
     every rank calls it and they agree, so no rank is left waiting in a collective."""
     err = None
     try:
-        _refuse_used(Path(run_dir))
+        _refuse_used(Path(run_dir), main=dist.rank() == 0)
     except RunDirectoryError as e:
         err = e
     if world > 1:
@@ -52,12 +54,89 @@ def refuse_used(run_dir: Path, *, world: int = 1, device: torch.device | None = 
         raise err
 
 
-def _refuse_used(run_dir: Path) -> None:
+#: What a run leaves before its first checkpoint (engine/trainer.py ``fit`` and engine/run_log.py). A folder
+#: holding only these (plus earlier failed runs' folders) has nothing a resume could use.
+EARLY_FILES = frozenset({RUN_FILE, "config.yaml", "train.log", "metrics.jsonl", "tb", "checkpoints"})
+FAILED_DIR = "failed"
+
+
+def failed_before_checkpoint(run_dir: Path, *, strict: bool = True) -> bool:
+    """True when ``run_dir`` holds only what a run leaves before its first checkpoint (logs, no checkpoint, no
+    exported student, no result): it failed early and a new run may take the folder. ``strict``: a
+    ``config.yaml`` counts only next to the run's ``run.json`` (a folder holding a user's own config is never
+    taken for a failed run)."""
+    entries = {p.name for p in run_dir.iterdir()}
+    if not entries <= EARLY_FILES | {FAILED_DIR}:
+        return False
+    ckpt = run_dir / "checkpoints"
+    if ckpt.is_dir() and any(ckpt.iterdir()):
+        return False
+    return not strict or "config.yaml" not in entries or RUN_FILE in entries
+
+
+_HELD: dict[str, list[int]] = {}  # this process's run-directory locks: real path -> [fd, holders]
+
+
+def lock_run_dir(run_dir: Path) -> str:
+    """Take an exclusive lock on ``run_dir`` for this process (``flock`` on the directory itself, so no file is
+    added; the OS drops it when the process ends, however it ends) and return its key for
+    :func:`unlock_run_dir`. Re-entrant within a process. Raises :class:`RunDirectoryError` when another process
+    holds it: a live run is never mistaken for a failed one, and two processes never train in one folder."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(run_dir)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        return key
+    fd = os.open(key, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise RunDirectoryError(f"run directory {run_dir} is in use by another running c2vkd process; wait for it "
+                                f"or use another directory (--out / --set experiment.name=NEW)") from None
+    _HELD[key] = [fd, 1]
+    return key
+
+
+def unlock_run_dir(key: str | None) -> None:
+    """Release one hold of :func:`lock_run_dir`'s lock; the last one closes it."""
+    held = _HELD.get(key) if key else None
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] <= 0:
+        del _HELD[key]
+        os.close(held[0])
+
+
+def set_aside_failed_run(run_dir: Path) -> Path:
+    """Move an early-failed run's files into ``run_dir/failed/<run id>/`` (nothing is deleted) and return it."""
+    rid = read_run_id(run_dir) or new_run_id()
+    dest = run_dir / FAILED_DIR / rid
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in list(run_dir.iterdir()):
+        if p.name != FAILED_DIR:
+            p.rename(dest / p.name)
+    return dest
+
+
+def _refuse_used(run_dir: Path, *, main: bool = True) -> None:
     if not run_dir.is_dir():
         if run_dir.exists():
             raise RunDirectoryError(f"run directory {run_dir} exists and is not a directory")
         return
-    entries = sorted(p.name for p in run_dir.iterdir())
+    if not main:  # rank 0 alone moves an early-failed run aside (and refuses for everyone, see refuse_used)
+        if failed_before_checkpoint(run_dir, strict=False):
+            return
+    elif failed_before_checkpoint(run_dir):
+        # a run that died before its first checkpoint (bad data, a typo found at iteration 1) must not block
+        # rerunning the same command; its logs are kept for the post-mortem. A live run holds the lock.
+        unlock_run_dir(lock_run_dir(run_dir))
+        dest = set_aside_failed_run(run_dir)
+        log.warning("run directory %s held a run that failed before its first checkpoint: its files moved to "
+                    "%s, starting a new run there", run_dir, dest)
+        return
+    entries = sorted(p.name for p in run_dir.iterdir() if p.name != FAILED_DIR)
     if entries:
         shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
         raise RunDirectoryError(

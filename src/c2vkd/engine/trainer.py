@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import time
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from torch import nn
 from c2vkd.config import absolute_paths, dump_config
 from c2vkd.data import build_dataloader, build_dataset
 from c2vkd.data.preflight import preflight
+from c2vkd.data.workers import shutdown_iterator
 from c2vkd.engine import checkpoints
 from c2vkd.engine.grad_probe import GradientProbe
 from c2vkd.engine.distiller import Distiller
@@ -33,7 +35,8 @@ from c2vkd.engine.failures import (NonFiniteLossError, StopSignals, TrainingInte
                                    handle_non_finite, oom_message)
 from c2vkd.engine.loss_config import needs_teacher, validate_loss_args
 from c2vkd.engine.optim import build_optimizer, build_scheduler, distiller_param_groups, group_eps
-from c2vkd.engine.run_dir import new_run_id, read_run_id, refuse_used, truncate_metrics, write_run_id
+from c2vkd.engine.run_dir import (lock_run_dir, new_run_id, read_run_id, refuse_used, truncate_metrics,
+                                  unlock_run_dir, write_run_id)
 from c2vkd.engine.run_log import RunLog
 from c2vkd.engine.teacher_cache.store import CachedTeacherDataset, open_for_config
 from c2vkd.engine.runtime import autocast_ctx, pick_device, restore_rng, rng_state, seed_everything, sync_batchnorm
@@ -71,6 +74,9 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir else Path(exp["output_dir"]) / exp["name"]
         if not resume:  # before logging creates train.log: a new run never writes into another run's folder
             refuse_used(self.run_dir, world=self.world, device=self.device)
+        # held for this process's life: another process never takes this folder for an early-failed run
+        if self.main:
+            weakref.finalize(self, unlock_run_dir, lock_run_dir(self.run_dir))
         setup_logging(self.run_dir if self.main else None, main_process=self.main)
         if exp["deterministic"]:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -260,6 +266,9 @@ class Trainer:
                                 signum, self.iteration)
                     raise TrainingInterrupted(signum, self.iteration, self.save_checkpoint())
         except BaseException:
+            # the loader's workers ignore SIGTERM: stop them here, so a failed run exits instead of waiting on
+            # them at interpreter exit (data/workers.py)
+            shutdown_iterator(data_iter)
             run_log.close()
             setup_logging(None, main_process=self.main)  # later messages are not this run's
             raise
