@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -58,8 +59,6 @@ def _hw(text: str) -> tuple[int, int]:
 
 def _command_line(args: argparse.Namespace) -> str:
     """The command as typed (for model cards and printed configs)."""
-    import shlex
-
     return "c2vkd " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
 
 
@@ -83,6 +82,7 @@ def _oneline_cfg(args: argparse.Namespace, *, distill: bool) -> tuple[dict, Path
 
 def cmd_train(args: argparse.Namespace, *, distill: bool) -> int:
     from c2vkd.engine.loss_config import needs_teacher, validate_loss_args
+    from c2vkd.engine.run_dir import repeat_run_dir
     from c2vkd.engine.trainer import Trainer
 
     oneline = [f for f, v in (("--teacher", getattr(args, "teacher", None)), ("--student/--model", args.student),
@@ -95,6 +95,14 @@ def cmd_train(args: argparse.Namespace, *, distill: bool) -> int:
         cfg, run_dir = _oneline_cfg(args, distill=distill)
     else:
         cfg = load_config(args.config, args.overrides)
+        if run_dir is None and args.resume and repeat_run_dir(Path(args.config)) is not None:
+            run_dir = Path(args.config).resolve().parent  # a run's own config resumes that run, where it is
+        elif run_dir is None:
+            # `c2vkd distill RUN/config.yaml` (the printed repeat command) repeats the run in a new folder
+            run_dir = repeat_run_dir(Path(args.config))
+            if run_dir is not None:
+                print(f"{args.config} is a run's own config: this repeat runs in {run_dir}, the original run is "
+                      f"not touched (--resume auto continues the original instead)", file=sys.stderr)
     validate_loss_args(cfg, source=str(args.config or "the one-line options"))
     uses_teacher = needs_teacher(cfg)
     if distill and not uses_teacher:
@@ -126,8 +134,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    import shlex
-
     from c2vkd.runners.compare import run_compare
     from c2vkd.utils.logging import setup_logging
 
@@ -170,9 +176,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("\nC2VKD demo on the bundled CamVid sample (tiny data, short CPU schedule: numbers are illustrative)")
     print(out["table"])
     print("\n" + out["verdict"])
-    print(f"\nrun folder: {args.run_dir} (teacher/, students/none, students/c2vkd; demo.md, students/compare.md)\n"
-          f"student checkpoint: {args.run_dir}/students/c2vkd/seed0/student.safetensors; "
-          f"TensorBoard: tensorboard --logdir {args.run_dir}")
+    p = {k: shlex.quote(str(v)) for k, v in out["paths"].items()}  # the run's own paths, quoted for the shell
+    print(f"\nrun folder: {p['run_dir']} (teacher: {p['teacher']}, students: {p['students']}; {p['demo_md']}, "
+          f"{p['compare_md']})\nstudent checkpoint: {p['student_checkpoint']}\n"
+          f"TensorBoard: tensorboard --logdir {p['run_dir']}")
     return 0
 
 

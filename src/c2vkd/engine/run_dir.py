@@ -14,6 +14,7 @@ import json
 import os
 import logging
 import secrets
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,35 @@ def _refuse_used(run_dir: Path, *, main: bool = True) -> None:
             f"run directory {run_dir} already holds a run ({shown}); refusing to mix two runs in it. Either "
             f"continue that run with --resume auto, or start a new one elsewhere: another experiment.name "
             f"(--set experiment.name=NEW) or another directory (--run-dir / --out)")
+
+
+REPEAT_SUFFIX = "-repeat"
+
+
+def repeat_command(cfg: dict[str, Any] | list[dict[str, Any]], run_dir: Path) -> str:
+    """The shell command that repeats a run from its saved ``config.yaml``, quoted for the shell. Run as printed
+    it never touches the original run: :func:`repeat_run_dir` sends it to a new folder. ``cfg``: the run's config
+    or its ``losses`` list (which decides ``train`` vs ``distill``)."""
+    from c2vkd.engine.loss_config import needs_teacher
+
+    kind = "distill" if needs_teacher(cfg) else "train"
+    return f"c2vkd {kind} {shlex.quote(str(Path(run_dir) / 'config.yaml'))}"
+
+
+def repeat_run_dir(config_path: Path) -> Path | None:
+    """Where a run started from ``config_path`` goes when that file is a run folder's own ``config.yaml``
+    (``c2vkd distill RUN/config.yaml``, the printed repeat command): the first free ``RUN-repeat<N>`` beside it,
+    so the original run is never touched (whatever the saved ``experiment.name``: a run made with ``--out`` has
+    its folder elsewhere). None when the config is not a run's own: the run goes where its config says."""
+    run_dir = Path(config_path).resolve().parent
+    if Path(config_path).name != "config.yaml" or not (run_dir / RUN_FILE).is_file():
+        return None  # a hand-written config, not a run's
+    n = 1
+    while True:
+        cand = run_dir.with_name(f"{run_dir.name}{REPEAT_SUFFIX}{n}")
+        if not cand.exists() or (cand.is_dir() and not any(cand.iterdir())):
+            return cand
+        n += 1
 
 
 def read_run_id(run_dir: Path) -> str | None:

@@ -85,7 +85,10 @@ def run_demo(run_dir: str | Path = "runs/demo", overrides: Sequence[str] = (), *
     (run_dir / "demo.json").write_text(json.dumps({"rows": rows, "split": split,
                                                    "difference": rows[2]["miou"] - rows[1]["miou"]}, indent=1))
     (run_dir / "demo.md").write_text(table + "\n\n" + verdict + "\n")
-    return {"rows": rows, "table": table, "verdict": verdict, "summary": summary}
+    paths = {"run_dir": run_dir, "teacher": teacher_dir, "students": run_dir / "students",
+             "student_checkpoint": entries[2][1], "demo_md": run_dir / "demo.md",
+             "compare_md": run_dir / "students" / "compare.md"}
+    return {"rows": rows, "table": table, "verdict": verdict, "summary": summary, "paths": paths}
 
 
 def load_noise(path: Path = NOISE_FILE) -> dict[str, Any] | None:
@@ -141,4 +144,7 @@ def format_demo_table(rows: list[dict[str, Any]], *, split: str, hw: tuple[int, 
     for r in rows:
         lines.append(f"| {r['row']} | {r['model']} | {100 * r['miou']:.2f} | {r['params'] / 1e6:.2f} M | "
                      f"{r['latency_ms']:.1f} ms |")
+    lines += ["", f"{split} mIoU: mean intersection-over-union over the classes of the {split} split, in % "
+              "(per class: correctly labelled pixels / pixels labelled or predicted as that class); higher is "
+              "better. Latency: median of timed forward passes; lower is better."]
     return "\n".join(lines)

@@ -149,13 +149,13 @@ def summary(cfg: dict[str, Any], detected: dict[str, Any], run_dir: Path, comman
     mapping per section (valid YAML, a few lines each), then how to repeat the run."""
     import yaml
 
-    from c2vkd.engine.loss_config import needs_teacher
+    from c2vkd.engine.run_dir import REPEAT_SUFFIX, repeat_command
 
     head = [f"# {command}",
             "# detected: " + json.dumps(detected),
             f"# run directory: {run_dir} (the full config is written to {run_dir}/config.yaml)"]
     body = "".join(f"{k}: " + yaml.safe_dump(v, sort_keys=False, default_flow_style=True, width=108)
                    .replace("\n...\n", "\n") for k, v in cfg.items())
-    kind = "distill" if needs_teacher(cfg) else "train"  # what `c2vkd train|distill` accepts for this config
-    tail = [f"# repeat: c2vkd {kind} {run_dir}/config.yaml"]
+    # after "# repeat: " the line is a shell command as it stands (its note is a shell comment)
+    tail = [f"# repeat: {repeat_command(cfg, run_dir)}   # runs in a new folder {run_dir.name}{REPEAT_SUFFIX}N"]
     return "\n".join(head) + "\n" + body + "\n".join(tail)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import shlex
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -155,11 +156,13 @@ def model_card(*, title: str, model_name: str, cfg: dict[str, Any], classes: lis
     """The README.md of an exported folder: what was distilled from what, on which data, how long, how
     good (``eval_test.json`` of the run when present), and the commands to use and reproduce it."""
     from c2vkd.engine.loss_config import needs_teacher
+    from c2vkd.engine.run_dir import repeat_command
     from c2vkd.losses import LOSSES
 
     t, d, sch, opt = cfg["teacher"], cfg["data"], cfg["schedule"], cfg["optim"]
     losses = cfg["losses"]
-    distilled = needs_teacher([e for e in losses if e["name"] in LOSSES])  # an unimportable plugin: not counted
+    known = [e for e in losses if e["name"] in LOSSES]  # an unimportable plugin: not counted
+    distilled = needs_teacher(known)
     preset = preset_for_losses(losses)
     terms = ", ".join(f"{e['name']} x{e.get('weight', 1.0)}" for e in losses)
     method = (f"`{preset}` preset ({terms})" if preset else f"custom loss set ({terms})")
@@ -192,11 +195,13 @@ def model_card(*, title: str, model_name: str, cfg: dict[str, Any], classes: lis
         lines.append("")
     else:
         lines += ["## Test mIoU", "", f"Not measured: the run has no `eval_test.json` (run `c2vkd eval "
-                  f"{run_dir}/config.yaml --checkpoint ... --split test`).", ""]
+                  f"{shlex.quote(str(Path(run_dir) / 'config.yaml'))} --checkpoint "
+                  f"{shlex.quote(str(Path(run_dir) / 'student.safetensors'))} --split test`).", ""]
     lines += ["## Classes", "", ", ".join(f"{i} `{c}`" for i, c in enumerate(classes)), "",
               "## Use it", "", loads_with, "", "## Verified at export", "", verification, "",
               "## Reproduce", "", "```bash",
-              f"c2vkd {'distill' if distilled else 'train'} {run_dir}/config.yaml   # the run's resolved config",
+              f"{repeat_command(known, run_dir)}   "
+              f"# the run's resolved config; runs in a new folder, the original is never touched",
               *([command] if command else []), "```", ""]
     return "\n".join(lines)
 
