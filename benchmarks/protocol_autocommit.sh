@@ -1,5 +1,5 @@
 #!/bin/bash
-# Commits camvid-p2 records as the queue workers write them (benchmarks/protocol.md, "Running the queue"). Usage:
+# Commits protocol records (camvid-p2 by default) as the queue workers write them (benchmarks/protocol.md, "Running the queue"). Usage:
 #
 #   nohup benchmarks/protocol_autocommit.sh [RESULTS] > runs/autocommit.out 2>&1 &
 #
@@ -23,7 +23,7 @@ while true; do
     names=$(echo "$new" | sed "s#$R/##; s#/seed#:#; s#\.json##" | tr '\n' ' ')
     code=$(for f in $new; do "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['code']['commit'][:7])" "$f"; done | sort -u | tr '\n' ' ')
     for _ in 1 2 3 4 5; do   # retry: another git command may hold the index lock
-      git add -- "$R" && git commit -q -m "13: camvid-p2 records ${names}(code ${code% }); summary rebuilt" -- "$R" && break
+      git add -- "$R" && git commit -q -m "$(basename "$R") records ${names}(code ${code% }); summary rebuilt" -- "$R" && break
       sleep 7
     done
     echo "$(date -u +%T) committed $names" >> runs/autocommit.log

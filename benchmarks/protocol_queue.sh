@@ -1,5 +1,5 @@
 #!/bin/bash
-# One worker of a camvid-p2 run queue (benchmarks/protocol.md, "Running the queue"). Usage:
+# One worker of a protocol run queue, camvid-p2 by default, idd-p1 with RECIPE=... (benchmarks/protocol.md). Usage:
 #
 #   benchmarks/protocol_queue.sh QUEUE [WAIT_PID]
 #
@@ -16,6 +16,9 @@
 #            commit (git worktree add --detach ../bench HEAD) so every record says the same, clean revision
 #            whatever is edited meanwhile;
 #   PY       [$REPO/.venv/bin/python]  the interpreter with torch;
+#   RECIPE   [src/c2vkd/configs/recipes/camvid_p2.yaml, relative to the code dir]  the protocol's student recipe
+#            (idd-p1: RECIPE=src/c2vkd/configs/recipes/idd_p1.yaml DATA=$REPO/../shared/data/idd_lite
+#            CACHE=runs/idd_p1_cache RESULTS=$REPO/benchmarks/results/idd-p1 OUT=runs/idd_p1);
 #   DATA     [$REPO/../shared/data/camvid], CACHE [runs/p2_cache, relative to CODE], RESULTS
 #            [$REPO/benchmarks/results/camvid-p2], OUT [runs/p2, relative to CODE].
 #   THREADS  [1]  torch threads of each run.
@@ -26,6 +29,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 QUEUE=$(realpath "$1")
 CODE=${CODE:-$REPO}
 PY=${PY:-$REPO/.venv/bin/python}
+RECIPE=${RECIPE:-src/c2vkd/configs/recipes/camvid_p2.yaml}
 DATA=${DATA:-$REPO/../shared/data/camvid}
 CACHE=${CACHE:-runs/p2_cache}
 RESULTS=${RESULTS:-$REPO/benchmarks/results/camvid-p2}
@@ -41,7 +45,7 @@ while true; do
   else
     read -r seed method code <<< "$job"
     code=${code:-$CODE}
-    (cd "$code" && PYTHONPATH="$code/src" "$PY" -m c2vkd compare src/c2vkd/configs/recipes/camvid_p2.yaml \
+    (cd "$code" && PYTHONPATH="$code/src" "$PY" -m c2vkd compare "$RECIPE" \
       --set "data.root=$DATA" --set "teacher.cache=$CACHE" --set train.progress=false --out "$OUT" \
       --results "$RESULTS" --seeds "$seed," --methods "$method" --no-teacher-eval)
   fi
