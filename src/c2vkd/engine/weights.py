@@ -4,7 +4,8 @@ Formats written by c2vkd:
   * training checkpoint ``checkpoints/iter_N.pt`` (torch.save dict, ``format: c2vkd-train-v1``),
   * student export ``*.safetensors`` with metadata ``c2vkd_model``, ``num_classes``, ``kwargs``, ``classes``.
 Either can be used as ``student.pretrained`` / ``teacher.checkpoint`` or with ``c2vkd eval --checkpoint``.
-Foreign formats (timm / torchvision / HF / mmseg ...) go through ``c2vkd.models.load_checkpoint_weights``.
+Foreign formats (timm / torchvision / HF / mmseg / CIRKD ...) go through
+``c2vkd.models.load_checkpoint_weights``.
 Every load is strict: missing/unexpected keys or shape mismatches are errors naming the file.
 """
 from __future__ import annotations
@@ -79,8 +80,9 @@ def load_model_weights(model: nn.Module, path: str | Path, *, name: str, num_cla
                        allow_partial: bool = False) -> None:
     """Load weights into `model` strictly, checking the architecture recorded in c2vkd files."""
     got = read_c2vkd_weights(path)
-    if got is None:
-        load_checkpoint_weights(model, path, allow_partial=allow_partial)
+    if got is None:  # a foreign format (ImageNet, torchvision, mmseg, CIRKD...): say which and what was dropped
+        report = load_checkpoint_weights(model, path, allow_partial=allow_partial)
+        (log.info if report.complete else log.warning)("%s: %s", name, report.summary())
         return
     state, meta = got
     if meta["model"] != name or int(meta["num_classes"]) != num_classes:

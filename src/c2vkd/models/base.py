@@ -50,12 +50,15 @@ class AdaptedStateDict:
     ``scope``: model keys this checkpoint is meant to cover (None = the whole model). A backbone-only
     ImageNet checkpoint covers the backbone; the head stays at its random init and is *not* reported
     missing. ``dropped``: checkpoint keys discarded on purpose (e.g. the ImageNet ``fc.*`` classifier).
+    ``hint``: what to do when the checkpoint does not fit (e.g. which registered model a foreign checkpoint
+    is); appended to the load error.
     """
 
     state_dict: dict[str, torch.Tensor]
     format: str
     scope: set[str] | None = None
     dropped: list[str] = field(default_factory=list)
+    hint: str = ""
 
 
 class SegmentationModel(nn.Module):

@@ -9,8 +9,10 @@ Flow of :func:`load_checkpoint_weights`:
    torch.compile prefixes (``module.``, ``_orig_mod.``) are stripped (:func:`unwrap_state_dict`; the CLIP
    pool loader in ``clip_pool.py`` reads and unwraps its files with the same two functions);
 2. let the model remap keys for the formats it understands (``model.adapt_state_dict``: e.g. an ImageNet
-   ResNet for a teacher, HF 4.x / NVlabs names for SegFormer). The adapter also says which model keys the
-   checkpoint is meant to cover (``scope``) and which checkpoint keys it discards on purpose;
+   ResNet, an mmsegmentation or CIRKD checkpoint (models.convert) for a teacher, HF 4.x / NVlabs names for
+   SegFormer). The adapter also says which model keys the checkpoint is meant to cover (``scope``), which
+   checkpoint keys it discards on purpose and what to do when the file does not fit (``hint``, appended to
+   the error);
 3. compare against ``model.state_dict()``: missing (in scope, not provided), unexpected (provided, not in
    the model) and shape-mismatched keys. Any of them raises :class:`WeightLoadError` listing them, unless
    ``allow_partial=True``, in which case only matching tensors are copied and the report says what was
@@ -164,9 +166,11 @@ def load_checkpoint_weights(model: nn.Module, source: str | Path | Mapping[str, 
     raw = read_state_dict(source)
     src = "<state dict>" if isinstance(source, Mapping) else str(source)
     adapt = getattr(target, "adapt_state_dict", None)
+    hint = ""
     if callable(adapt):
         adapted = adapt(raw)
         sd, fmt, scope, dropped = adapted.state_dict, adapted.format, adapted.scope, adapted.dropped
+        hint = f"\n  {adapted.hint}" if adapted.hint else ""
     else:
         sd, fmt, scope, dropped = raw, "state dict", None, []
     own = target.state_dict()
@@ -187,9 +191,9 @@ def load_checkpoint_weights(model: nn.Module, source: str | Path | Mapping[str, 
     arch = getattr(target, "arch", type(target).__name__)
     if not to_load:
         raise WeightLoadError(f"{src}: no tensor matches {arch} [{fmt}] (a checkpoint of another architecture?)"
-                              f"\n  {report.describe_problems()}")
+                              f"\n  {report.describe_problems()}{hint}")
     if not report.complete and not allow_partial:
         raise WeightLoadError(f"{src} does not fit {arch} [{fmt}]; pass allow_partial=True to load only the "
-                              f"matching tensors.\n  {report.describe_problems()}")
+                              f"matching tensors.\n  {report.describe_problems()}{hint}")
     target.load_state_dict(to_load, strict=False)
     return report
