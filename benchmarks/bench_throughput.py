@@ -2,7 +2,8 @@
 teacher cache vs C2VKD with the live teacher in bf16 and channels-last (``teacher.amp=bf16``,
 ``teacher.channels_last=true``) vs the student alone with torch's multi-tensor AdamW (``optim.impl=foreach``, the
 kernel before fused became the default), each with bf16 autocast off and on - same data, batch, crop, student and
-teacher, one process.
+teacher, one process. On request (``--variants``): (f) the student alone and (g) / (h) C2VKD from the cache with
+``train.compile=student`` / ``all`` (torch.compile; the warm-up iterations include the compilation).
 
     python benchmarks/bench_throughput.py                                 # the record: 3 warm-up + 20 timed its
     python benchmarks/bench_throughput.py --warmup 1 --iters 5 --amp off  # quick check that it runs
@@ -56,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--iters", type=int, default=20, help="timed iterations per variant and round")
     ap.add_argument("--rounds", type=int, default=1, help="round-robin repetitions (median round reported)")
     ap.add_argument("--amp", default="off,bf16", help="comma-separated autocast modes to time (off, bf16, fp16)")
-    ap.add_argument("--variants", default="a,b,c,d,e",
+    ap.add_argument("--variants", default="a,b,c,d,e",  # f, g, h (train.compile) on request
                     help="comma-separated variants to time (a is always timed: every ratio is to it)")
     ap.add_argument("--pool", type=int, default=2, help="data.augment_pool (views per image)")
     ap.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (0: loading is on the clock)")
@@ -81,9 +82,9 @@ def base_overrides(args: argparse.Namespace, root: str, out: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     wanted = {"a"} | {v.strip() for v in args.variants.split(",") if v.strip()}
-    unknown = wanted - set("abcde")
+    unknown = wanted - set("abcdefgh")
     if unknown:
-        raise SystemExit(f"--variants: unknown variant(s) {sorted(unknown)}; choose from a, b, c, d, e")
+        raise SystemExit(f"--variants: unknown variant(s) {sorted(unknown)}; choose from a, b, c, d, e, f, g, h")
     if args.threads:
         torch.set_num_threads(args.threads)
     from c2vkd.config import load_config
@@ -111,20 +112,26 @@ def main(argv: list[str] | None = None) -> int:
     recipes = {"a": (student_only, False), "b": (tuple(teacher), True),
                "c": ((*teacher, f"teacher.cache={cache_dir}"), True),
                "d": ((*teacher, "teacher.amp=bf16", "teacher.channels_last=true"), True),
-               "e": ((*student_only, "optim.impl=foreach"), False)}
+               "e": ((*student_only, "optim.impl=foreach"), False),
+               # train.compile (issue 29): the first (warm-up) iterations include the compilation
+               "f": ((*student_only, "train.compile=student"), False),
+               "g": ((*teacher, f"teacher.cache={cache_dir}", "train.compile=student"), True),
+               "h": ((*teacher, f"teacher.cache={cache_dir}", "train.compile=all"), True)}
 
     try:
         index, build_s = None, None
-        if "c" in wanted:  # (c) needs the cache first: build it with the cache-teacher defaults (teacher in fp32)
+        if wanted & set("cgh"):  # the cache first: built with the cache-teacher defaults (teacher in fp32)
             t0 = time.perf_counter()
             index = build_teacher_cache(cfg(*teacher, "train.amp=off", method=True), cache_dir, topk=args.topk,
                                         downsample=args.downsample, dtype=args.cache_dtype, progress=False)
             build_s = time.perf_counter() - t0
         variants = [(name, amp, cfg(*recipes[name][0], f"train.amp={amp}", method=recipes[name][1]))
-                    for amp in amps for name in "abcde" if name in wanted]
+                    for amp in amps for name in "abcdefgh" if name in wanted]
         method = Path(args.method).stem.upper()  # the preset timed in (b), (c), (d)
         labels = {"a": "student only (ce)", "b": f"{method}, live teacher", "c": f"{method}, teacher cache",
-                  "d": f"{method}, live teacher in bf16 + channels-last", "e": "student only, foreach AdamW"}
+                  "d": f"{method}, live teacher in bf16 + channels-last", "e": "student only, foreach AdamW",
+                  "f": "student only, compiled student", "g": f"{method}, teacher cache, compiled student",
+                  "h": f"{method}, teacher cache, compiled student + losses"}
         runs = []
         for name, amp, c in variants:
             tr = Trainer(c, run_dir=work / f"{name}_{amp}")

@@ -141,6 +141,10 @@ DEFAULTS: dict[str, Any] = {
     "train": {
         "device": "auto",         # auto | cpu | cuda | cuda:N
         "amp": "off",             # off | bf16 | fp16
+        # torch.compile (inductor) of the training forward and backward: off | student | all (the student and the
+        # loss modules). Validation, checkpoints and exports use the plain student. No working compiler: logged
+        # loudly, the run continues eager. Other rounding than eager: a different protocol (docs/benchmarks.md).
+        "compile": "off",
         "grad_clip": None,        # max grad norm, null = off
         "accum_steps": 1,
         "log_interval": 10,

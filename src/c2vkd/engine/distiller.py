@@ -91,6 +91,18 @@ class Distiller(nn.Module):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"loss terms {sorted(dup)} are configured twice; give each loss once")
+        # train.compile: compiled callables standing in for the student / loss modules in forward (plain
+        # attributes: the modules themselves stay the unwrapped ones in the tree, state dicts and DDP)
+        self.__dict__["compiled_student"] = None
+        self.__dict__["compiled_losses"] = None
+
+    def use_compiled(self, student: Callable | None = None, losses: list[Callable] | None = None) -> None:
+        """Run ``forward`` through compiled stand-ins of the student and / or the loss modules (each sharing
+        the module's parameters and hooks; engine/runtime.compiled). None: the eager module."""
+        if losses is not None and len(losses) != len(self.losses):
+            raise ValueError(f"use_compiled: {len(losses)} compiled losses for {len(self.losses)} loss modules")
+        self.__dict__["compiled_student"] = student
+        self.__dict__["compiled_losses"] = losses
 
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)
@@ -126,7 +138,7 @@ class Distiller(nn.Module):
 
         ``cached_teacher``: the batch's compact cached teacher outputs (``batch["teacher"]``), required when
         the Distiller was built with a teacher cache and ignored otherwise."""
-        s_logits = self.student(images)
+        s_logits = (self.student if self.compiled_student is None else self.compiled_student)(images)
         s_feats = self.student_taps.pop() if self.student_taps is not None else {}
         t_logits = None
         t_feats: dict[str, torch.Tensor] = {}
@@ -152,8 +164,9 @@ class Distiller(nn.Module):
         total = s_logits.new_zeros((), dtype=torch.float32)
         terms: dict[str, torch.Tensor] = {}
         graph_terms: dict[str, torch.Tensor] = {}
-        for module in self.losses:
-            for name, raw in module(inputs).items():
+        calls = list(self.losses) if self.compiled_losses is None else self.compiled_losses
+        for module, call in zip(self.losses, calls):
+            for name, raw in call(inputs).items():
                 w = module.weights[name]
                 raw = raw.float()
                 terms[name] = raw.detach()

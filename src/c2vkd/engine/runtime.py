@@ -16,8 +16,11 @@ from c2vkd.utils.device import autocast_ctx, pick_device
 
 log = logging.getLogger("c2vkd")
 
-__all__ = ["autocast_ctx", "pick_device", "restore_rng", "rng_state", "seed_everything", "set_rng_state",
-           "sync_batchnorm"]
+__all__ = ["COMPILE_MODES", "autocast_ctx", "check_compile_mode", "compile_fallback_reason", "compiled",
+           "pick_device", "restore_rng", "rng_state", "seed_everything", "set_rng_state", "sync_batchnorm"]
+
+# train.compile: off (eager) | student (the student's forward and backward) | all (the student and every loss module)
+COMPILE_MODES = ("off", "student", "all")
 
 
 def seed_everything(seed: int) -> None:
@@ -76,3 +79,48 @@ def sync_batchnorm(student: nn.Module, *, world: int, device: torch.device) -> n
     n = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules())
     log.info("student.sync_bn: converting %d BatchNorm layers to SyncBatchNorm", n)
     return nn.SyncBatchNorm.convert_sync_batchnorm(student)
+
+
+def check_compile_mode(mode: Any) -> str:
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"train.compile must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    return mode
+
+
+def compile_fallback_reason(device: torch.device) -> str | None:
+    """None when ``torch.compile`` (inductor: a C++ compiler on CPU, Triton on CUDA) works on ``device``; else
+    why not, in one line. Compiles and runs a two-op function once (a few seconds the first time on a machine;
+    inductor's on-disk cache makes later calls cheap)."""
+    try:
+        import torch._dynamo
+
+        fn = torch.compile(lambda x: torch.relu(x) * 2 + 1, backend="inductor", fullgraph=True, dynamic=False)
+        out = fn(torch.arange(-2.0, 6.0, device=device))
+        if out.tolist() != [1.0, 1.0, 1.0, 3.0, 5.0, 7.0, 9.0, 11.0]:
+            return "a test function compiled to wrong values"
+    except Exception as e:  # noqa: BLE001 - any failure (no compiler, no Python headers, no Triton) -> eager
+        first = (str(e).strip().splitlines() or [""])[0]
+        return f"{type(e).__name__}: {first}"[:300]
+    finally:
+        try:
+            torch._dynamo.reset()  # the probe's graph is not kept
+        except Exception:  # noqa: BLE001
+            pass
+    return None
+
+
+def compiled(modules: dict[str, nn.Module], mode: str, device: torch.device) -> dict[str, Any]:
+    """``train.compile``: ``torch.compile`` callables of the named modules (the modules themselves stay eager and
+    unwrapped: their state dicts, hooks, exports and DDP see the plain module; the callable shares its
+    parameters). ``off``, or no working compiler (logged loudly, one line): {} and the run continues eager."""
+    if check_compile_mode(mode) == "off" or not modules:
+        return {}
+    reason = compile_fallback_reason(device)
+    if reason is not None:
+        log.warning("train.compile=%s: torch.compile is not usable here (%s); CONTINUING IN EAGER MODE "
+                    "(same results, no speed-up; set train.compile=off to silence this)", mode, reason)
+        return {}
+    log.info("train.compile=%s: compiling %s with torch.compile (inductor); the first steps and the first "
+             "validation include the compilation", mode, ", ".join(modules))
+    # static shapes: a training step's shapes never change, and inductor's dynamic-shape path fails on some of them
+    return {name: torch.compile(m, dynamic=False) for name, m in modules.items()}

@@ -39,7 +39,8 @@ from c2vkd.engine.run_dir import (lock_run_dir, new_run_id, read_run_id, refuse_
                                   unlock_run_dir, write_run_id)
 from c2vkd.engine.run_log import RunLog
 from c2vkd.engine.teacher_cache.store import CachedTeacherDataset, open_for_config
-from c2vkd.engine.runtime import autocast_ctx, pick_device, restore_rng, rng_state, seed_everything, sync_batchnorm
+from c2vkd.engine.runtime import (autocast_ctx, check_compile_mode, compiled, pick_device, restore_rng, rng_state,
+                                  seed_everything, sync_batchnorm)
 from c2vkd.engine.weights import build_from_config, save_student
 from c2vkd.eval.metrics import format_table
 from c2vkd.utils import dist
@@ -84,6 +85,7 @@ class Trainer:
         # module are identical across ranks; per-rank streams (dropout, drop-path) start after building.
         seed_everything(exp["seed"])
         self.amp = tr["amp"]
+        check_compile_mode(tr["compile"])  # a bad value fails now, not after the data and models are built
 
         d = cfg["data"]
         self.train_set = build_dataset(d, "train", train=True)
@@ -107,6 +109,15 @@ class Trainer:
                                ignore_index=self.ignore_index, teacher=self.teacher,
                                probe_hw=crop, teacher_cache=self.teacher_cache,
                                teacher_autocast=teacher_autocast(self.device, cfg["teacher"]["amp"])).to(self.device)
+        # train.compile: compiled stand-ins in the Distiller's forward; self.student stays the plain module (state
+        # dicts, hooks, validation, exports, DDP)
+        parts: dict[str, nn.Module] = {"student": self.student}
+        loss_keys = [f"loss {i}: {e['name']}" for i, e in enumerate(cfg["losses"])]
+        if tr["compile"] == "all":
+            parts.update(zip(loss_keys, self.model.losses))
+        fns = compiled(parts, tr["compile"], self.device)
+        if fns:
+            self.model.use_compiled(fns["student"], [fns[k] for k in loss_keys] if tr["compile"] == "all" else None)
         self.optimizer = build_optimizer(distiller_param_groups(self.model, self.student, cfg["optim"]), cfg["optim"])
         # per-term gradient measurement and balancing (engine/grad_probe.py, engine/balance.py)
         self.probe = GradientProbe(self.student, [(e["name"], m) for e, m in zip(cfg["losses"], self.model.losses)],
