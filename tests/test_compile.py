@@ -141,3 +141,16 @@ def test_inductor_training_matches_eager_to_float32_rounding(data_root: Path, te
     assert comp.model.compiled_student is not None
     # inductor fuses and reorders float32 reductions: equal to rounding, not bit for bit
     _assert_same_training(eager, comp, rtol=1e-4, atol=1e-5)
+
+
+def test_two_compiled_runs_in_one_process_keep_their_own_taps(data_root: Path, teacher_ckpt: Path, tmp_path: Path,
+                                                              eager_backend) -> None:
+    """compare trains its variants in one process: a compiled student without taps (none) must not hand its
+    graph to the next variant's compiled student, whose tap hooks feed the losses (dynamo shares compiled code
+    between instances of one class and by default does not guard on hooks)."""
+    plain = Trainer(make_cfg(data_root, teacher_ckpt, tmp_path, "train.compile=student", "teacher.name=null",
+                             "losses=[{name: ce}]"), run_dir=tmp_path / "plain")
+    tapped = Trainer(make_cfg(data_root, teacher_ckpt, tmp_path, "train.compile=student"), run_dir=tmp_path / "tap")
+    plain.fit()
+    tapped.fit()
+    assert losses_logged(tapped.run_dir)[0]["fitnet"] > 0

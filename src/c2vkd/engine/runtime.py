@@ -120,7 +120,13 @@ def compiled(modules: dict[str, nn.Module], mode: str, device: torch.device) -> 
         log.warning("train.compile=%s: torch.compile is not usable here (%s); CONTINUING IN EAGER MODE "
                     "(same results, no speed-up; set train.compile=off to silence this)", mode, reason)
         return {}
-    log.info("train.compile=%s: compiling %s with torch.compile (inductor); the first steps and the first "
-             "validation include the compilation", mode, ", ".join(modules))
+    log.info("train.compile=%s: compiling %s with torch.compile (inductor); the first steps include the "
+             "compilation", mode, ", ".join(modules))
+    # Dynamo shares compiled code between instances of one class and by default does not guard on module hooks:
+    # a compiled student without feature taps (compare's `none`, trained first in the same process) would hand
+    # its graph, without the tap hooks, to the next run's student. Guard on hooks (tests/test_compile.py).
+    import torch._dynamo.config
+
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
     # static shapes: a training step's shapes never change, and inductor's dynamic-shape path fails on some of them
     return {name: torch.compile(m, dynamic=False) for name, m in modules.items()}
