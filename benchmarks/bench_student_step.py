@@ -7,9 +7,9 @@ the validation forward ([B, 3, 180, 240], inference mode) at batch 1 and at a la
 
 Forms: ``eager`` (fp32, the reference), ``channels_last`` (the student and its input in channels-last memory
 format), ``bf16`` (CPU autocast to bfloat16), ``compile`` (torch.compile, inductor; compiled before timing),
-``compile_bf16``. Each round times every form back to back; a form's round time over eager's in the same round is
-its paired ratio (median [min, max] over rounds). ``--ops N`` prints the N most expensive operators of one
-training step per form (torch.profiler, self CPU time).
+``compile_bf16``, ``channels_last_bf16``. Each round times every form back to back; a form's round time over
+eager's in the same round is its paired ratio (median [min, max] over rounds). ``--ops N`` prints the N most
+expensive operators of two training steps per form (torch.profiler, self CPU time).
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         m = build_model("segformer_b0", 11)
         xin, xev = x, xe
-        if f == "channels_last":
+        if f.startswith("channels_last"):
             m = m.to(memory_format=torch.channels_last)
             xin, xev = x.contiguous(memory_format=torch.channels_last), xe.contiguous(memory_format=torch.channels_last)
         call = torch.compile(m, dynamic=False) if f.startswith("compile") else m  # as train.compile

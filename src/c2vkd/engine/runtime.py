@@ -118,7 +118,7 @@ def compiled(modules: dict[str, nn.Module], mode: str, device: torch.device) -> 
     reason = compile_fallback_reason(device)
     if reason is not None:
         log.warning("train.compile=%s: torch.compile is not usable here (%s); CONTINUING IN EAGER MODE "
-                    "(same results, no speed-up; set train.compile=off to silence this)", mode, reason)
+                    "(eager arithmetic, no compilation; set train.compile=off to silence this)", mode, reason)
         return {}
     log.info("train.compile=%s: compiling %s with torch.compile (inductor); the first steps include the "
              "compilation", mode, ", ".join(modules))
