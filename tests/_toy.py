@@ -98,3 +98,20 @@ schedule: {{iters: {iters}, warmup_iters: 0}}
 train: {{progress: false, device: cpu, log_interval: 1, val_interval: {val_interval}}}
 """)
     return cfg
+
+
+def write_toy_data(folder):
+    """A 3-class folder dataset of 32x40 frames (train 6, val 2, test 2) for engine tests."""
+    from c2vkd.data.synthetic import write_folder
+
+    return write_folder(folder, {"train": 6, "val": 2, "test": 2}, size_hw=(32, 40))
+
+
+def write_toy_teacher(folder):
+    """A seeded ToyCNN teacher saved as ``folder/teacher.safetensors`` (c2vkd's student format)."""
+    from c2vkd.engine.weights import save_student
+
+    torch.manual_seed(1)
+    path = folder / "teacher.safetensors"
+    save_student(path, ToyCNN(3), "toy_cnn", 3, {}, ["a", "b", "c"])
+    return path

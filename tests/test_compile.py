@@ -14,10 +14,8 @@ import torch
 
 import _toy
 from c2vkd.config import load_config
-from c2vkd.data.synthetic import write_folder
 from c2vkd.engine import runtime
 from c2vkd.engine.trainer import Trainer
-from c2vkd.engine.weights import save_student
 from c2vkd.utils.io import safe_load
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,15 +23,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_folder(tmp_path_factory.mktemp("ds"), {"train": 6, "val": 2, "test": 2}, size_hw=(32, 40))
+    return _toy.write_toy_data(tmp_path_factory.mktemp("ds"))
 
 
 @pytest.fixture(scope="module")
 def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    save_student(path, _toy.ToyCNN(3), "toy_cnn", 3, {}, ["a", "b", "c"])
-    return path
+    return _toy.write_toy_teacher(tmp_path_factory.mktemp("teacher"))
 
 
 def make_cfg(root: Path, teacher: Path, out: Path, *extra: str) -> dict:

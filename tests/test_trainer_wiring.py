@@ -22,7 +22,6 @@ from c2vkd.config import load_config
 from c2vkd.data import build_dataset
 from c2vkd.data.synthetic import write_folder
 from c2vkd.engine.trainer import Trainer
-from c2vkd.engine.weights import save_student
 from c2vkd.utils.io import CheckpointError, safe_load
 
 TESTS = Path(__file__).resolve().parent
@@ -32,15 +31,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_folder(tmp_path_factory.mktemp("ds"), {"train": 6, "val": 2, "test": 2}, size_hw=(32, 40))
+    return _toy.write_toy_data(tmp_path_factory.mktemp("ds"))
 
 
 @pytest.fixture(scope="module")
 def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    save_student(path, _toy.ToyCNN(3), "toy_cnn", 3, {}, ["a", "b", "c"])
-    return path
+    return _toy.write_toy_teacher(tmp_path_factory.mktemp("teacher"))
 
 
 def make_cfg(root: Path, out: Path, *extra: str) -> dict:
