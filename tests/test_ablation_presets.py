@@ -54,6 +54,8 @@ EXPECTED: dict[str, tuple[list[dict], str, dict[str, float]]] = {
     "c2vkd-abl-vlfd-linguistic": ([PDD, _one_term("linguistic"), CE], "grad_norm", {"vlfd_linguistic": 0.1}),
     "c2vkd-abl-vlfd-decoder": ([PDD, _vlfd(student_tap="decoder", teacher_tap="decoder"), CE], "grad_norm",
                                TARGETS),
+    "c2vkd-abl-vlfd-s34": ([PDD, VLFD, {**_vlfd(student_tap="stage3", teacher_tap="layer3"), "tag": "s3"}, CE],
+                           "grad_norm", {f"{t}{s}": 0.05 for s in ("", "_s3") for t in TARGETS}),
     "c2vkd-abl-target005": ([PDD, VLFD, CE], "grad_norm",
                             {"vlfd_global": 0.05, "vlfd_patch": 0.05, "vlfd_linguistic": 0.05}),
     "c2vkd-abl-target02": ([PDD, VLFD, CE], "grad_norm",

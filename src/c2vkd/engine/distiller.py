@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from c2vkd.engine.loss_config import teacher_losses
+from c2vkd.engine.loss_config import loss_args, loss_label, teacher_losses, term_suffix
 from c2vkd.losses import LOSSES, DistillLoss, LossContext, LossInputs
 from c2vkd.models import FeatureTaps, probe_shapes
 
@@ -32,8 +32,7 @@ def loss_tap_names(loss_cfgs: list[dict[str, Any]]) -> tuple[list[str], list[str
     t_names: list[str] = []
     for entry in loss_cfgs:
         cls = LOSSES.get(entry["name"])
-        args = {k: v for k, v in entry.items() if k != "name"}
-        s, t = cls.taps(args)
+        s, t = cls.taps(loss_args(entry))
         s_names += [n for n in s if n not in s_names]
         t_names += [n for n in t if n not in t_names]
     return s_names, t_names
@@ -83,14 +82,17 @@ class Distiller(nn.Module):
                           teacher_shapes=t_shapes, input_size=probe_hw)
         modules: list[DistillLoss] = []
         for entry in loss_cfgs:
-            cls = LOSSES.get(entry["name"])
-            args = {k: v for k, v in entry.items() if k != "name"}
-            modules.append(cls(ctx, **args))
+            modules.append(LOSSES.get(entry["name"])(ctx, **loss_args(entry)))
         self.losses = nn.ModuleList(modules)
-        names = [t for m in modules for t in m.weights]
+        # a module's own term names (its ``weights`` keys, which it may read itself) + its entry's tag suffix =
+        # the run's term names (logs, balance targets, gradient shares)
+        self.term_suffixes = [term_suffix(e) for e in loss_cfgs]
+        self.loss_labels = [loss_label(e) for e in loss_cfgs]
+        names = [name for name, _, _ in self._public_terms()]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
-            raise ValueError(f"loss terms {sorted(dup)} are configured twice; give each loss once")
+            raise ValueError(f"loss terms {sorted(dup)} are configured twice; give each loss once, or tell two "
+                             f"entries of one loss apart with `tag:` (their terms become <term>_<tag>)")
         # train.compile: compiled callables standing in for the student / loss modules in forward (plain
         # attributes: the modules themselves stay the unwrapped ones in the tree, state dicts and DDP)
         self.__dict__["compiled_student"] = None
@@ -115,14 +117,19 @@ class Distiller(nn.Module):
 
     # Live term weights: each loss module's ``weights`` dict is read at every forward, so the balancer
     # (engine/balance.py) changes a term's weight by writing it here.
+    def _public_terms(self):
+        """(run term name, module, module's own term name) for every term, in config order."""
+        for m, sfx in zip(self.losses, self.term_suffixes):
+            for t in m.weights:
+                yield f"{t}{sfx}", m, t
+
     def term_weights(self) -> dict[str, float]:
-        return {t: float(w) for m in self.losses for t, w in m.weights.items()}
+        return {name: float(m.weights[t]) for name, m, t in self._public_terms()}
 
     def set_term_weights(self, weights: dict[str, float]) -> None:
-        for m in self.losses:
-            for t in m.weights:
-                if t in weights:
-                    m.weights[t] = float(weights[t])
+        for name, m, t in list(self._public_terms()):
+            if name in weights:
+                m.weights[t] = float(weights[name])
 
     def pop_graph_terms(self) -> dict[str, torch.Tensor]:
         """The raw, graph-attached terms of the last forward made with ``record_graph_terms = True`` (for
@@ -165,9 +172,9 @@ class Distiller(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         graph_terms: dict[str, torch.Tensor] = {}
         calls = list(self.losses) if self.compiled_losses is None else self.compiled_losses
-        for module, call in zip(self.losses, calls):
-            for name, raw in call(inputs).items():
-                w = module.weights[name]
+        for module, call, sfx in zip(self.losses, calls, self.term_suffixes):
+            for own, raw in call(inputs).items():
+                w, name = module.weights[own], f"{own}{sfx}"
                 raw = raw.float()
                 terms[name] = raw.detach()
                 terms[f"{name}/w"] = (raw * w).detach()

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any
 
 from c2vkd.config import ConfigError
@@ -18,6 +19,9 @@ from c2vkd.registry import suggest
 
 def _entries(cfg_or_losses: dict[str, Any] | list[dict[str, Any]]) -> list[dict[str, Any]]:
     return cfg_or_losses["losses"] if isinstance(cfg_or_losses, dict) else cfg_or_losses
+
+
+_TAG = re.compile(r"[A-Za-z0-9]{1,16}")
 
 
 def validate_loss_args(cfg_or_losses: dict[str, Any] | list[dict[str, Any]], source: str = "config") -> None:
@@ -38,10 +42,31 @@ def validate_loss_args(cfg_or_losses: dict[str, Any] | list[dict[str, Any]], sou
             raise ConfigError(f"{source}: losses[{i}]: {e.args[0]}") from None
         params = inspect.signature(cls.__init__).parameters
         accepted = [p for p in params if p not in ("self", "ctx")]
+        if "tag" in entry:
+            tag = entry["tag"]
+            if not isinstance(tag, str) or not _TAG.fullmatch(tag):
+                raise ConfigError(f"{source}: losses[{i}] ({name}): tag must be a short name of letters and digits "
+                                  f"(it is appended to the loss's term names: {name}_TAG), got {tag!r}")
         for key in entry:
-            if key != "name" and key not in accepted:
+            if key not in ("name", "tag") and key not in accepted:
                 raise ConfigError(f"{source}: losses[{i}] ({name}): unknown argument {key!r}."
                                   f"{suggest(key, accepted)} Accepted: {', '.join(accepted)}")
+
+
+def loss_args(entry: dict[str, Any]) -> dict[str, Any]:
+    """A ``losses`` entry's constructor arguments: everything but ``name`` and ``tag``."""
+    return {k: v for k, v in entry.items() if k not in ("name", "tag")}
+
+
+def term_suffix(entry: dict[str, Any]) -> str:
+    """What a ``losses`` entry's ``tag`` appends to each of its term names (``vlfd_global`` -> ``vlfd_global_s3``):
+    the same loss twice in one run (e.g. VLFD on two stages) gets distinct terms for logging, weights and balancing."""
+    return f"_{entry['tag']}" if entry.get("tag") else ""
+
+
+def loss_label(entry: dict[str, Any]) -> str:
+    """The name a ``losses`` entry goes by in gradient reports (``vlfd``, or ``vlfd_s3`` with ``tag: s3``)."""
+    return f"{entry['name']}{term_suffix(entry)}"
 
 
 def teacher_losses(cfg_or_losses: dict[str, Any] | list[dict[str, Any]]) -> list[str]:

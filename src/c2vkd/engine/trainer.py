@@ -120,7 +120,7 @@ class Trainer:
             self.model.use_compiled(fns["student"], [fns[k] for k in loss_keys] if tr["compile"] == "all" else None)
         self.optimizer = build_optimizer(distiller_param_groups(self.model, self.student, cfg["optim"]), cfg["optim"])
         # per-term gradient measurement and balancing (engine/grad_probe.py, engine/balance.py)
-        self.probe = GradientProbe(self.student, [(e["name"], m) for e, m in zip(cfg["losses"], self.model.losses)],
+        self.probe = GradientProbe(self.student, list(zip(self.model.loss_labels, self.model.losses)),
                                    term_weights=self.model.term_weights(), balance_cfg=cfg["balance"],
                                    share_interval=tr["grad_share_interval"], world=self.world, device=self.device)
         self.balancer = self.probe.balancer
