@@ -26,12 +26,13 @@ from c2vkd.models import build_model
 
 pytestmark = pytest.mark.slow
 
-BASELINES = ["kd", "dkd", "cwd", "skd", "ifvd", "dist", "fitnet", "at"]
+BASELINES = ["kd", "dkd", "cwd", "skd", "ifvd", "dist", "fitnet", "at", "ofa"]
 CIRKD_CPU = ["losses.2.memory_size=256", "losses.2.region_memory_size=32"]
 # the terms each preset must log (raw values), beyond ce
 TERMS = {"kd": {"kd"}, "dkd": {"dkd"}, "cwd": {"kd", "cwd", "cwd_feat", "adv_g", "adv_d"},
          "skd": {"kd", "skd", "adv_g", "adv_d"}, "ifvd": {"kd", "ifvd", "adv_g", "adv_d"}, "dist": {"dist"},
          "fitnet": {"kd", "fitnet"}, "at": {"kd", "at"},
+         "ofa": {"ofa_final", "ofa_stage1", "ofa_stage2", "ofa_stage3", "ofa_stage4"},
          "cirkd": {"kd", "cirkd_p2p", "cirkd_mem_p2p", "cirkd_mem_p2r"}}
 
 
@@ -91,5 +92,5 @@ def test_compare_runs_every_baseline_preset_live_and_cached(experiment: Path, tm
         # same student init, same views: the first step's CE is identical, and the terms read from the cached
         # teacher taps (float16) match the live teacher's closely
         assert recs["cached"][0]["ce"] == pytest.approx(recs["live"][0]["ce"], rel=1e-5), method
-        for t in terms & {"kd", "cwd", "cwd_feat", "skd", "ifvd", "fitnet", "at", "cirkd_p2p", "dist"}:
+        for t in terms & {"kd", "cwd", "cwd_feat", "skd", "ifvd", "fitnet", "at", "cirkd_p2p", "dist", "ofa_final"}:
             assert recs["cached"][0][t] == pytest.approx(recs["live"][0][t], rel=2e-2, abs=1e-5), (method, t)
