@@ -8,7 +8,8 @@ the validation forward ([B, 3, 180, 240], inference mode) at batch 1 and at a la
 Forms: ``eager`` (fp32, the reference), ``channels_last`` (the student and its input in channels-last memory
 format), ``bf16`` (CPU autocast to bfloat16), ``compile`` (torch.compile, inductor; compiled before timing),
 ``compile_bf16``, ``channels_last_bf16``, ``bf16_math`` (bf16 with PyTorch's math attention instead of the CPU flash
-kernel). Each round times every form back to back; a form's round time over
+kernel), ``bf16_sdpa`` (bf16 with transformers' plain ``sdpa`` attention, i.e. the flash kernel in bf16: what our
+SegFormer ran before its attention went to fp32 under CPU bf16, models/segformer.py ``sdpa_fp32_on_cpu_bf16``). Each round times every form back to back; a form's round time over
 eager's in the same round is its paired ratio (median [min, max] over rounds). ``--ops N`` prints the N most
 expensive operators of two training steps per form (torch.profiler, self CPU time).
 """
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             xin, xev = x.contiguous(memory_format=torch.channels_last), xe.contiguous(memory_format=torch.channels_last)
         call = torch.compile(m, dynamic=False) if f.startswith("compile") else m  # as train.compile
         amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if "bf16" in f else nullcontext
+        if f.endswith("_sdpa"):  # transformers' own sdpa: bf16 flash attention on CPU
+            m.config._attn_implementation = "sdpa"
         if f.endswith("_math"):  # the attention through the math backend (matmul + softmax) instead of flash
             amp = _with_math(amp)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)

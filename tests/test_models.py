@@ -154,3 +154,55 @@ def test_segformer_input_checks(student_b0: nn.Module) -> None:
         build_model("segformer_b0", K, drop_path_rat=0.0)
     overridden = build_model("segformer_b0", K, drop_path_rate=0.0)
     assert overridden.config.drop_path_rate == 0.0
+
+
+def test_segformer_attention_runs_in_fp32_under_cpu_bf16(student_b0: nn.Module, monkeypatch) -> None:
+    """models/segformer.py routes SegFormer's attention through ``sdpa_fp32_on_cpu_bf16``: in fp32 it is exactly
+    transformers' sdpa (values and gradients bit-identical); under CPU bf16 autocast the attention gets fp32
+    inputs, so its output is the exact attention of the bf16 projections rounded once to bf16."""
+    import copy
+
+    from c2vkd.models import segformer as sf
+
+    assert student_b0.config._attn_implementation == sf.ATTENTION_IMPL
+    ours = copy.deepcopy(student_b0).train()
+    plain = copy.deepcopy(student_b0).train()
+    plain.config = copy.deepcopy(plain.config)
+    for m in plain.modules():  # every HF submodule holds the config object: give them all the copy
+        if hasattr(m, "config") and m is not plain:
+            m.config = plain.config
+    plain.config._attn_implementation = "sdpa"
+    x = torch.randn(2, 3, 64, 96)
+    grads = []
+    for model in (ours, plain):
+        torch.manual_seed(0)  # drop path / dropout draw the same masks
+        out = model(x)
+        out.square().mean().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
+
+    seen = []
+    real = sf.sdpa_fp32_on_cpu_bf16
+
+    def spy(module, q, k, v, mask, **kw):
+        out, w = real(module, q, k, v, mask, **kw)
+        seen.append((q.dtype, out.dtype))
+        return out, w
+    from transformers import AttentionInterface
+    AttentionInterface.register(sf.ATTENTION_IMPL, spy)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            ours.eval()(x)
+    finally:
+        AttentionInterface.register(sf.ATTENTION_IMPL, real)
+    assert len(seen) == 8 and all(s == (torch.bfloat16, torch.bfloat16) for s in seen)  # 2 blocks x 4 stages
+
+    q, k, v = (torch.randn(2, 2, 50, 16).to(torch.bfloat16) for _ in range(3))
+    attn = ours.segformer.stages[1].blocks[0].attention
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = real(attn, q, k, v, None, dropout=0.0, scaling=0.25)
+    ref = (torch.softmax(q.double() @ k.double().transpose(-1, -2) * 0.25, -1) @ v.double()).transpose(1, 2)
+    assert got.dtype == torch.bfloat16
+    # one rounding of the fp32 result to bf16 (8 significant bits), nothing more
+    assert ((got.double() - ref).abs() <= ref.abs() * 2.0 ** -8 + 1e-6).all()

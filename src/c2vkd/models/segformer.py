@@ -76,6 +76,34 @@ _NVLABS_RENAMES: list[tuple[re.Pattern[str], str]] = [(re.compile(p), r) for p, 
 ]]
 
 
+#: The name our SegFormers give transformers' attention registry (``config._attn_implementation``): PyTorch's SDPA,
+#: except that under CPU bf16 autocast the attention itself runs in fp32. Why: on CPU the flash kernel's bf16
+#: backward is about 6x slower than its fp32 one (torch 2.14, AVX512-BF16; benchmarks/bench_student_step.py form
+#: ``bf16`` vs ``bf16_attn32``), while the projections around it (bf16 matmuls, where the CPU gains) stay in bf16.
+#: fp32 runs, CUDA runs and fp16 are exactly transformers' ``sdpa``.
+ATTENTION_IMPL = "c2vkd_sdpa"
+
+
+def sdpa_fp32_on_cpu_bf16(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """transformers' ``sdpa_attention_forward`` with [B, heads, N, d] bf16 CPU inputs upcast to fp32 (autocast
+    off inside) and the [B, N, heads, d] output cast back to bf16; any other input goes through unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.device.type == "cpu" and query.dtype == torch.bfloat16:
+        with torch.autocast("cpu", enabled=False):
+            out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(),
+                                                  attention_mask, **kwargs)
+        return out.to(torch.bfloat16), weights
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_IMPL, sdpa_fp32_on_cpu_bf16)
+
+
 def _zero_based(key: str) -> str:
     # "{3}" placeholders written by _NVLABS_RENAMES hold 1-based stage numbers
     return re.sub(r"\{(\d)\}", lambda m: str(int(m.group(1)) - 1), key)
@@ -133,6 +161,9 @@ class SegFormer(SegmentationModel):
         cfg = SegformerConfig(**{**MIT_CONFIGS[variant], "num_labels": int(num_classes), **config_overrides})
         super().__init__(num_classes, output_stride=math.prod(cfg.strides))
         hf = SegformerForSemanticSegmentation(cfg)  # random init (post_init), nothing downloaded
+        if cfg._attn_implementation == "sdpa":  # transformers' default; an explicit choice is kept
+            _register_attention()
+            cfg._attn_implementation = ATTENTION_IMPL  # see sdpa_fp32_on_cpu_bf16
         self.config = cfg
         self.variant = variant
         # take HF's submodules so parameter names stay "segformer.*" / "decode_head.*"
