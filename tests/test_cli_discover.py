@@ -33,7 +33,7 @@ def test_methods_lists_every_preset_with_its_first_comment_line(capsys: pytest.C
     out = capsys.readouterr().out.splitlines()
     files = sorted(PACKAGE_CONFIGS.glob("methods/*.yaml"))
     assert len(files) >= 14 and out[-1].startswith(f"{len(files)} presets")
-    listed = {ln.split()[0]: ln.split(None, 1)[1] for ln in out[:-1]}
+    listed = {ln.split()[0].rstrip("*"): ln.split(None, 1)[1] for ln in out[:-1]}  # NAME*: a reconstruction
     assert sorted(listed) == sorted(p.stem for p in files)
     for p in files:
         first = p.read_text().splitlines()[0].lstrip("#").strip().rstrip(",;:")

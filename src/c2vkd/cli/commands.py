@@ -39,12 +39,17 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_methods(args: argparse.Namespace) -> int:
     from c2vkd.runners.oneline import method_presets
 
+    from c2vkd.runners.results import RECONSTRUCTION_MARK, display_label
+
     presets = method_presets()
-    width = max(map(len, presets))
+    shown = {name: display_label(name) for name in presets}  # NAME* for a reconstruction
+    width = max(map(len, shown.values()))
     for name, line in presets.items():
-        print(f"{name.ljust(width)}  {line}")
+        print(f"{shown[name].ljust(width)}  {line}")
+    recon = (f"; NAME{RECONSTRUCTION_MARK} = a reconstruction (no official code; its preset header lists every "
+             "inferred choice)") if any(shown[n] != n for n in presets) else ""
     print(f"{len(presets)} presets (src/c2vkd/configs/methods/NAME.yaml): c2vkd distill --method NAME ..., "
-          "_base_: methods/NAME.yaml, or c2vkd compare --methods a,b")
+          f"_base_: methods/NAME.yaml, or c2vkd compare --methods a,b{recon}")
     return 0
 
 

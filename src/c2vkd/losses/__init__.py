@@ -2,8 +2,8 @@
 
 Importing this package registers every built-in loss in ``LOSSES``:
 supervised ``ce``; C2VKD ``pdd`` and ``vlfd``; baselines ``kd``, ``dkd``, ``cwd``, ``skd``, ``ifvd``,
-``cirkd``, ``dist``, ``fitnet``, ``at``, ``ofa``, ``hmkd`` (a reconstruction), and the adversarial (holistic)
-term ``adv`` that SKD / IFVD / CWD presets add."""
+``cirkd``, ``dist``, ``fitnet``, ``at``, ``ofa``, ``heteroakd`` and ``hmkd`` (reconstructions), and the
+adversarial (holistic) term ``adv`` that SKD / IFVD / CWD presets add."""
 from c2vkd.losses.base import LOSSES, DistillLoss, LossContext, LossInputs, masked_mean
 from c2vkd.losses.ce import CELoss, ce_loss
 from c2vkd.losses.pdd import PDD_PRESETS, PDDLoss, pdd_loss
@@ -18,6 +18,7 @@ from c2vkd.losses.dist import DISTLoss, dist_loss
 from c2vkd.losses.dkd import DKDLoss, dkd_loss
 from c2vkd.losses.fitnet import FitNetLoss, fitnet_loss
 from c2vkd.losses.hmkd import HMKDLoss, gla_loss, hfa_loss
+from c2vkd.losses.heteroakd import HeteroAKDLoss, heteroakd_loss
 from c2vkd.losses.ifvd import IFVDLoss, ifvd_loss
 from c2vkd.losses.kd import KDLoss, kd_loss
 from c2vkd.losses.ofa import OFABranch, OFALoss, ofa_loss
@@ -32,5 +33,6 @@ __all__ = [
     "AdversarialLoss", "Discriminator", "ATLoss", "at_loss", "CIRKDLoss", "cirkd_memory_loss", "cirkd_pixel_loss", "cirkd_region_loss",
     "CWDLoss", "cwd_loss", "DISTLoss", "dist_loss", "DKDLoss", "dkd_loss", "FitNetLoss", "fitnet_loss",
     "HMKDLoss", "gla_loss", "hfa_loss",
+    "HeteroAKDLoss", "heteroakd_loss",
     "IFVDLoss", "ifvd_loss", "KDLoss", "kd_loss", "OFABranch", "OFALoss", "ofa_loss", "SKDLoss", "skd_loss",
 ]

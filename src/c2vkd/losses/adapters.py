@@ -17,6 +17,8 @@ Kinds:
     (the "conv-BN-ReLU-conv" head).
   * ``"mlp"``: ``Conv1x1(Cs, Ct) -> BN -> ReLU -> Conv1x1(Ct, Ct)`` (per-pixel MLP; this is CIRKD's
     student projection head).
+  * ``"conv1x1_bn"`` / ``"conv1x1_bn_relu"``: ``Conv2d(Cs, Ct, 1, bias=False) -> BN`` (``-> ReLU``), BN before
+    the resize (HeteroAKD*'s projectors to class logits).
   * ``"none"``: no parameters, spatial resize only; the output keeps ``Cs`` channels. Only for losses
     that never compare channels across networks (SKD pair-wise similarity, AT).
 """
@@ -30,7 +32,7 @@ from torch import nn
 from c2vkd.losses._common import feature_taps, resize_to, tap_shapes
 from c2vkd.losses.base import DistillLoss
 
-ADAPTER_KINDS = ("conv1x1", "conv3x3", "mlp", "none")
+ADAPTER_KINDS = ("conv1x1", "conv3x3", "mlp", "conv1x1_bn", "conv1x1_bn_relu", "none")
 
 
 class FeatureAdapter(nn.Module):
@@ -58,6 +60,9 @@ class FeatureAdapter(nn.Module):
         elif kind == "mlp":
             self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout),
                                       nn.ReLU(inplace=True), nn.Conv2d(cout, cout, 1, bias=False))
+        elif kind in ("conv1x1_bn", "conv1x1_bn_relu"):
+            layers = [nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+            self.proj = nn.Sequential(*layers, *([nn.ReLU()] if kind == "conv1x1_bn_relu" else []))
         else:
             self.proj = nn.Identity()
 

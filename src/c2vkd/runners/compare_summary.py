@@ -8,7 +8,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from c2vkd.runners.results import bootstrap_ratio_ci, gain_ratio, is_c2vkd, paired_difference
+from c2vkd.runners.results import (RECONSTRUCTION_MARK, bootstrap_ratio_ci, display_label, gain_ratio, is_c2vkd,
+                                   is_reconstruction, paired_difference)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -52,6 +53,9 @@ def summarize(results: dict[str, dict[int, dict[str, Any]]], class_names: list[s
                       "wall_s_mean": statistics.fmean([r["wall_s"] for r in per_seed.values()])}
     base = methods.get("none")
     summary: dict[str, Any] = {"methods": methods, "class_names": class_names, "teacher": teacher}
+    recon = [m for m in methods if is_reconstruction(m)]
+    if recon:
+        summary["reconstructions"] = recon  # shown as NAME* (results.display_label)
     on_val = {m: r["val_final_mean"] for m, r in methods.items() if r["val_final_mean"] is not None}
     ours_on_val = {m: v for m, v in on_val.items() if is_c2vkd(m)}
     if on_val:
@@ -134,6 +138,7 @@ def _paired_text(pd: dict[str, Any] | None) -> str:
 
 
 def format_markdown(summary: dict[str, Any], *, title: str, command: str | None = None) -> str:
+    lab = display_label  # a reconstruction shows as NAME*
     lines = [f"# {title}", ""]
     if command:
         lines += ["```", command, "```", ""]
@@ -149,29 +154,30 @@ def format_markdown(summary: dict[str, Any], *, title: str, command: str | None 
         gain = r.get("gain")
         per_seed = ", ".join(f"{100 * v:.2f}" for v in r["miou_per_seed"].values())
         paired = _paired_text(r.get("paired_vs_none"))
-        lines.append(f"| {m} | {100 * r['miou_mean']:.2f} | {100 * r['miou_std']:.2f} | {r['seeds']} | "
+        lines.append(f"| {lab(m)} | {100 * r['miou_mean']:.2f} | {100 * r['miou_std']:.2f} | {r['seeds']} | "
                      f"{'' if gain is None else f'{100 * gain:+.2f}'} | {paired} | {per_seed} | "
                      f"{pct(r.get('val_final_mean'))} | {pct(r.get('val_last_quarter_gain_mean'), '+')} | "
                      f"{r['wall_s_mean']:.0f} s |")
     lines.append("")
     rec = summary.get("recommended")
     if rec:
-        lines += [f"Recommended method (chosen on val, {rec['by']}, among all methods): **{rec['method']}**; "
+        lines += [f"Recommended method (chosen on val, {rec['by']}, among all methods): **{lab(rec['method'])}**; "
                   f"best C2VKD-family preset on val: {rec['best_c2vkd_on_val'] or '-'}. Val final / last-quarter "
                   "gain: the last validation mIoU and its change over the last quarter of training (near 0: the "
                   "student is near its plateau).", ""]
     if "best_prior" in summary:
         best = summary["best_prior"]
-        lines.append(f"Best prior KD method: **{best}** "
+        lines.append(f"Best prior KD method: **{lab(best)}** "
                      f"(gain {100 * summary['methods'][best]['gain']:+.2f} mIoU).")
         vs_best = {m: r["paired_vs_best_prior"] for m, r in summary["methods"].items() if r.get("paired_vs_best_prior")}
         if vs_best:
-            lines += ["", f"C2VKD-family presets against the best prior ({best}), paired by seed [95% t CI]:", ""]
-            lines += [f"- {m} - {best}: {_paired_text(pd)}" for m, pd in vs_best.items()]
+            lines += ["", f"C2VKD-family presets against the best prior ({lab(best)}), paired by seed [95% t CI]:", ""]
+            lines += [f"- {m} - {lab(best)}: {_paired_text(pd)}" for m, pd in vs_best.items()]
             lines.append("")
         seeds = summary.get("ratio_seeds") or []
+        ratio_best = summary.get("ratio_best_prior")
         lines.append(f"Gain ratios on the seeds every method has ({', '.join(map(str, seeds)) or 'none'}; best "
-                     f"prior on those seeds: {summary.get('ratio_best_prior')}):")
+                     f"prior on those seeds: {lab(ratio_best) if ratio_best else None}):")
         for m, ratio in summary.get("gain_ratio", {}).items():
             txt = "undefined (best prior gain <= 0)" if ratio is None else f"{ratio:.2f}"
             verdict = "" if ratio is None else (" (> 2: claim holds here)" if ratio > 2 else " (<= 2: claim not met here)")
@@ -190,8 +196,9 @@ def format_markdown(summary: dict[str, Any], *, title: str, command: str | None 
                     txt = f"{p['ratio']:.2f}"
                 txt += _ci_text(p.get("ci"), ", 95% bootstrap CI")
                 lines.append(f"- {m} on seeds {', '.join(map(str, p['seeds']))}: {txt}; best prior "
-                             f"{p['best_prior'] or '-'} among {', '.join(p['priors']) or 'none'}"
-                             f"{'; left out: ' + ', '.join(p['left_out']) if p['left_out'] else ''}.")
+                             f"{lab(p['best_prior']) if p['best_prior'] else '-'} among "
+                             f"{', '.join(map(lab, p['priors'])) or 'none'}"
+                             f"{'; left out: ' + ', '.join(map(lab, p['left_out'])) if p['left_out'] else ''}.")
             lines.append("")
     elif "note" in summary:
         lines += [summary["note"], ""]
@@ -199,7 +206,7 @@ def format_markdown(summary: dict[str, Any], *, title: str, command: str | None 
     methods = list(summary["methods"])
     if names and methods:
         lines += ["Per-class IoU (mean over seeds):", "",
-                  "| class | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+                  "| class | " + " | ".join(map(lab, methods)) + " |", "|---|" + "---:|" * len(methods)]
         for i, c in enumerate(names):
             cells = []
             for m in methods:
@@ -208,6 +215,9 @@ def format_markdown(summary: dict[str, Any], *, title: str, command: str | None 
                 cells.append("-" if v is None else f"{100 * v:.1f}")
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
         lines.append("")
+    if any(is_reconstruction(m) for m in summary["methods"]):
+        lines += [f"`{RECONSTRUCTION_MARK}` marks a reconstruction: a method without official code, rebuilt from its "
+                  "paper and third-party code; its preset header and docs/methods.md list every inferred choice.", ""]
     return "\n".join(lines)
 
 
@@ -246,7 +256,7 @@ def plot_compare(summary: dict[str, Any], run_dirs: dict[str, list[Path]], out_d
         for j, m in enumerate(methods):
             pc = summary["methods"][m]["per_class_iou"]
             vals = [100 * (v or 0.0) for v in pc] + [0.0] * (len(names) - len(pc))
-            ax.bar(x + (j - (len(methods) - 1) / 2) * width, vals, width, label=m)
+            ax.bar(x + (j - (len(methods) - 1) / 2) * width, vals, width, label=display_label(m))
         ax.set_xticks(x, names, rotation=45, ha="right")
         ax.set_ylabel("IoU (%)")
         ax.set_title("Per-class IoU (mean over seeds)")
@@ -258,7 +268,7 @@ def plot_compare(summary: dict[str, Any], run_dirs: dict[str, list[Path]], out_d
             curves = [dict((int(i), v) for i, v in r.get("val_curve") or []) for r in per_seed.values()]
             its = sorted(set.intersection(*[set(c) for c in curves])) if curves else []
             if its:
-                ax.plot(its, [100 * statistics.fmean(c[i] for c in curves) for i in its], label=m,
+                ax.plot(its, [100 * statistics.fmean(c[i] for c in curves) for i in its], label=display_label(m),
                         color=f"C{j % 10}", lw=1.2)
         ax.set_xlabel("iteration")
         ax.set_ylabel("val mIoU (%), mean over seeds")
@@ -272,8 +282,8 @@ def plot_compare(summary: dict[str, Any], run_dirs: dict[str, list[Path]], out_d
         for k, d in enumerate(dirs):
             its, losses = _read_curve(d)
             if its:
-                ax.plot(its, losses, label=m if k == 0 else None, color=f"C{list(run_dirs).index(m) % 10}",
-                        alpha=0.8, lw=1)
+                ax.plot(its, losses, label=display_label(m) if k == 0 else None,
+                        color=f"C{list(run_dirs).index(m) % 10}", alpha=0.8, lw=1)
     ax.set_xlabel("iteration")
     ax.set_ylabel("total weighted loss")
     ax.set_yscale("log")

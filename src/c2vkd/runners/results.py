@@ -13,16 +13,50 @@ import hashlib
 import json
 import math
 import random
+import re
 import statistics
 import subprocess
 from pathlib import Path
 from typing import Any, Sequence
 
-from c2vkd.config import ConfigError
+from c2vkd.config import PACKAGE_CONFIGS, ConfigError
 
 
 def method_label(method: str) -> str:
     return Path(method).stem if method.endswith((".yaml", ".yml")) else method
+
+
+#: A method preset is a **reconstruction** (a method without official code, rebuilt from papers and third-party
+#: code; shown as ``name*`` by `c2vkd methods` and in the compare tables) when a line of its leading comment block
+#: starts with ``# Reconstruction:``, e.g. ``# Reconstruction: the paper has no code; ...``. That line is the
+#: whole opt-in.
+RECONSTRUCTION_LINE = re.compile(r"#\s*reconstruction\s*:", re.IGNORECASE)
+RECONSTRUCTION_MARK = "*"
+
+
+def is_reconstruction(method: str) -> bool:
+    """Whether ``method`` (a packaged preset name, as records and summaries name methods, or a preset path) opts
+    in with a ``# Reconstruction:`` header line. False for a name without a preset file."""
+    path = Path(method) if method.endswith((".yaml", ".yml")) else PACKAGE_CONFIGS / "methods" / f"{method}.yaml"
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        if not line.strip():
+            continue
+        if not line.lstrip().startswith("#"):
+            return False  # the header ends at the first YAML line
+        if RECONSTRUCTION_LINE.match(line.strip()):
+            return True
+    return False
+
+
+def display_label(method: str) -> str:
+    """A method's name as tables and listings show it: :func:`method_label`, plus ``*`` for a reconstruction.
+    Records, run folders and summary keys keep the plain label."""
+    label = method_label(method)
+    return label + RECONSTRUCTION_MARK if is_reconstruction(method) else label
 
 
 def is_c2vkd(method: str) -> bool:
