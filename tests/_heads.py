@@ -1,13 +1,25 @@
 """Shared checks for losses with trainable alignment heads: the heads are the optimizer's ``align`` group, are
 saved in training checkpoints, and resume exactly (a run resumed from its mid checkpoint ends bit-identical to
-the straight run: student, heads and optimizer state). Used by tests/test_hmkd.py; test_ofa.py has the same
-check inline and can switch to this one."""
+the straight run: student, heads and optimizer state); and the seeded logit maps their per-pixel transcriptions
+are checked on. Used by tests/test_ofa.py, test_hmkd.py and test_heteroakd.py."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import torch
+
+
+def logit_maps(seed: int, *, k: int, h: int, w: int, b: int = 2, dtype=torch.float64, ignore_index: int = 255):
+    """Seeded student and teacher logits (``b, k, h, w``, std 2) and labels with ``ignore_index`` pixels in both
+    images (the first two rows of image 0, part of row 3 of image 1)."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(b, k, h, w, generator=g, dtype=dtype) * 2
+    t = torch.randn(b, k, h, w, generator=g, dtype=dtype) * 2
+    y = torch.randint(0, k, (b, h, w), generator=g)
+    y[0, :2] = ignore_index
+    y[1, 3, 1:5] = ignore_index
+    return s, t, y
 
 
 def toy_overrides(data_root: Path, out: Path, losses: str) -> list[str]:

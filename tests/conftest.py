@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -33,3 +34,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The toy dataset (``_toy.write_toy_data``), one per module; a module that needs other data defines its own
+    ``data_root``, which overrides this one."""
+    import _toy
+
+    return _toy.write_toy_data(tmp_path_factory.mktemp("ds"))
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved toy_cnn teacher checkpoint (``_toy.write_toy_teacher``), one per module."""
+    import _toy
+
+    return _toy.write_toy_teacher(tmp_path_factory.mktemp("teacher"))

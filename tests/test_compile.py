@@ -12,23 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import _toy
+import _toy  # noqa: F401  (registers toy_cnn / toy_vit)
 from c2vkd.config import load_config
 from c2vkd.engine import runtime
 from c2vkd.engine.trainer import Trainer
 from c2vkd.utils.io import safe_load
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _toy.write_toy_data(tmp_path_factory.mktemp("ds"))
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _toy.write_toy_teacher(tmp_path_factory.mktemp("teacher"))
 
 
 def make_cfg(root: Path, teacher: Path, out: Path, *extra: str) -> dict:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import _toy
-from _heads import check_heads_train_and_resume_exactly, toy_overrides
+from _heads import check_heads_train_and_resume_exactly, logit_maps, toy_overrides
 from c2vkd.engine.distiller import Distiller
 from c2vkd.losses import LOSSES, LossContext, LossInputs
 from c2vkd.losses.heteroakd import bernoulli_kl, heteroakd_loss, kmm_kem, projector_bce
@@ -25,13 +25,8 @@ IGN = 255
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _maps(seed: int, b: int = 2, k: int = 4, h: int = 5, w: int = 6, dtype=torch.float64, empty_image: bool = False):
-    g = torch.Generator().manual_seed(seed)
-    s = torch.randn(b, k, h, w, generator=g, dtype=dtype) * 2
-    t = torch.randn(b, k, h, w, generator=g, dtype=dtype) * 2
-    y = torch.randint(0, k, (b, h, w), generator=g)
-    y[0, :2] = IGN
-    y[1, 3, 1:5] = IGN
+def _maps(seed: int, dtype=torch.float64, empty_image: bool = False):
+    s, t, y = logit_maps(seed, k=4, h=5, w=6, dtype=dtype, ignore_index=IGN)
     if empty_image:
         y[1] = IGN
     return s, t, y
@@ -353,11 +348,6 @@ def test_the_preset_builds_and_reads_only_cached_teacher_taps():
 
 
 # ------------------------------------------------------------------------- teacher cache, resume, report
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _toy.write_toy_data(tmp_path_factory.mktemp("ds"))
-
-
 def test_the_teacher_cache_serves_it_exactly(data_root: Path, tmp_path: Path):
     """A lossless cache of the teacher's `logits` and `feat` taps gives the live run's terms."""
     from c2vkd.config import load_config

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import _heads
-import _toy
+import _toy  # noqa: F401  (registers toy_cnn / toy_vit)
 from c2vkd.engine.distiller import Distiller
 from c2vkd.losses import LOSSES, LossContext, LossInputs
 from c2vkd.losses.hmkd import (GLAHead, HFAHead, auto_patch, gla_loss, hfa_loss, scrambled_map, teacher_self_attention,
@@ -339,11 +339,6 @@ def test_real_students_at_non_square_inputs(student, taps):
 # ---------------------------------------------------------------------- report, optimizer + checkpoints
 LOSSES_TOY = ("[{name: ce}, {name: hmkd, gla_student_tap: feat, gla_teacher_tap: layer1, hfa_student_tap: feat, "
               "hfa_teacher_tap: feat}]")
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _toy.write_toy_data(tmp_path_factory.mktemp("ds"))
 
 
 def test_report_shows_both_terms(data_root: Path, tmp_path: Path):

@@ -4,7 +4,6 @@ the computation, the dense branches on real students through the Distiller, and 
 alignment heads (optimizer ``align`` group, checkpoints, exact resume)."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -13,22 +12,13 @@ import torch
 import torch.nn.functional as F
 
 import _toy
+from _heads import check_heads_train_and_resume_exactly, logit_maps, toy_overrides
 from c2vkd.engine.distiller import Distiller
 from c2vkd.losses import LOSSES, LossContext, LossInputs
 from c2vkd.losses.kd import kd_loss
 from c2vkd.losses.ofa import OFABranch, ofa_loss
 
 IGN = 255
-
-
-def _logits(seed: int, b: int = 2, k: int = 5, h: int = 6, w: int = 7, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    s = torch.randn(b, k, h, w, generator=g, dtype=dtype) * 2
-    t = torch.randn(b, k, h, w, generator=g, dtype=dtype) * 2
-    y = torch.randint(0, k, (b, h, w), generator=g)
-    y[0, :2] = IGN
-    y[1, 3, 1:5] = IGN
-    return s, t, y
 
 
 def naive_ofa(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, eps: float, temperature: float) -> float:
@@ -55,7 +45,7 @@ def naive_ofa(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, eps: float, tem
 
 @pytest.mark.parametrize("eps,temperature", [(1.0, 1.0), (1.5, 1.0), (0.7, 3.0), (2.5, 0.5)])
 def test_ofa_loss_matches_the_reference_arithmetic_per_pixel(eps, temperature):
-    s, t, y = _logits(0)
+    s, t, y = logit_maps(0, k=5, h=6, w=7, ignore_index=IGN)
     got = ofa_loss(s, t, y, eps, temperature, IGN)
     assert got.dtype == torch.float64
     assert float(got) == pytest.approx(naive_ofa(s, t, y, eps, temperature), rel=1e-10)
@@ -75,7 +65,7 @@ def test_eps_one_is_kd_plus_the_teacher_entropy():
     """eps = 1: the weights (p_t + y) - y are p_t, the labels cancel, and OFA is the soft cross-entropy
     -sum_k p_t,k log p_s,k = KL(p_t || p_s) + H(p_t): our kd_loss / T^2 plus the teacher's entropy (a constant for
     the student), each averaged over the valid pixels; no T^2 factor. eps != 1 brings the labels in."""
-    s, t, y = _logits(1)
+    s, t, y = logit_maps(1, k=5, h=6, w=7, ignore_index=IGN)
     for temperature in (1.0, 2.0):
         ofa = float(ofa_loss(s, t, y, 1.0, temperature, IGN))
         kl = float(kd_loss(s, t, y, temperature=temperature, ignore_index=IGN)) / temperature ** 2
@@ -221,55 +211,13 @@ def test_a_real_teacher_sets_the_branch_grid():
 
 
 # ------------------------------------------------------------------------- optimizer + checkpoints
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _toy.write_toy_data(tmp_path_factory.mktemp("ds"))
-
-
 def test_branches_are_in_the_align_group_and_resume_exactly(data_root: Path, tmp_path: Path):
     from c2vkd.config import load_config
-    from c2vkd.engine.trainer import Trainer
-    from c2vkd.utils.io import safe_load
 
-    cfg = load_config(None, [
-        f"data.root={data_root}", "data.train_transform.crop_size=[32,32]", "data.train_transform.base_size=40",
-        "data.batch_size=2", "data.num_workers=0", "student.name=toy_vit", "student.kwargs.drop=0.0",
-        "optim.lr=0.01", "schedule.iters=4", "schedule.warmup_iters=0", "train.progress=false",
-        "train.log_interval=1", f"experiment.output_dir={tmp_path}", "train.device=cpu", "eval.split=null",
-        "eval.final_split=null", "train.ckpt_interval=2", "experiment.deterministic=true",
-        "teacher.name=toy_cnn", "teacher.allow_random_init=true",
-        "losses=[{name: ce}, {name: ofa, stages: [feat], depths: [1], eps: 1.5}]"])
-    t = Trainer(cfg, run_dir=tmp_path / "straight")
-    heads = {id(p) for p in t.model.losses.parameters()}
-    groups = {g["name"]: {id(p) for p in g["params"]} for g in t.optimizer.param_groups}
-    assert heads and groups["align"] == heads and not (groups["base"] & heads)
-    t.fit()
-    end = safe_load(tmp_path / "straight/checkpoints/iter_0000004.pt")
-    mid = safe_load(tmp_path / "straight/checkpoints/iter_0000002.pt")
-    assert any(k.startswith("1.branches.ofa_feat.") for k in end["loss_heads"])
-    assert any(not torch.equal(mid["loss_heads"][k], end["loss_heads"][k]) for k in end["loss_heads"])  # trained
-    lines = (tmp_path / "straight/metrics.jsonl").read_text().splitlines()
-    rows = [r for r in map(json.loads, lines) if "loss" in r]
-    assert {"ofa_final", "ofa_feat"} <= set(rows[-1])
-    (tmp_path / "resumed/checkpoints").mkdir(parents=True)
-    for suffix in ("", ".sha256"):
-        src = tmp_path / f"straight/checkpoints/iter_0000002.pt{suffix}"
-        (tmp_path / f"resumed/checkpoints/iter_0000002.pt{suffix}").write_bytes(src.read_bytes())
-    r = Trainer(cfg, run_dir=tmp_path / "resumed", resume="auto")
-    assert r.iteration == 2
-    live = r.model.losses.state_dict()
-    assert set(live) == set(mid["loss_heads"]) and all(torch.equal(live[k], mid["loss_heads"][k]) for k in live)
-    r.fit()
-    res = safe_load(tmp_path / "resumed/checkpoints/iter_0000004.pt")
-    for part in ("student", "loss_heads"):
-        assert end[part].keys() == res[part].keys()
-        for k in end[part]:
-            assert torch.equal(end[part][k], res[part][k]), (part, k)
-    sa, sb = end["optimizer"]["state"], res["optimizer"]["state"]
-    assert sa.keys() == sb.keys() and sa
-    for pid in sa:
-        for name, v in sa[pid].items():
-            assert torch.equal(torch.as_tensor(v), torch.as_tensor(sb[pid][name])), (pid, name)
+    cfg = load_config(None, toy_overrides(data_root, tmp_path,
+                                          "[{name: ce}, {name: ofa, stages: [feat], depths: [1], eps: 1.5}]"))
+    last = check_heads_train_and_resume_exactly(cfg, tmp_path, "1.branches.ofa_feat.")
+    assert {"ofa_final", "ofa_feat"} <= set(last)
 
 
 def test_ofa_branch_keeps_a_bf16_tap_working_without_autocast():

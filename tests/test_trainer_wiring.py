@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import _toy
+import _toy  # noqa: F401  (registers toy_cnn / toy_vit)
 from c2vkd.config import load_config
 from c2vkd.data import build_dataset
 from c2vkd.data.synthetic import write_folder
@@ -27,16 +27,6 @@ from c2vkd.utils.io import CheckpointError, safe_load
 TESTS = Path(__file__).resolve().parent
 # StepSpy replaces optimizer.step after the lr scheduler wrapped it; torch warns about that, harmlessly
 pytestmark = pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _toy.write_toy_data(tmp_path_factory.mktemp("ds"))
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _toy.write_toy_teacher(tmp_path_factory.mktemp("teacher"))
 
 
 def make_cfg(root: Path, out: Path, *extra: str) -> dict:
