@@ -107,6 +107,23 @@ def test_preflight_reads_the_config_key(tmp_path):
     pf.preflight({**cfg, "label_check": "off"}, ["train", "val", "test"])
 
 
+def test_preflight_reads_each_header_once_in_auto_mode(tmp_path, monkeypatch, caplog):
+    """check_sizes returns the label pixels the auto scan is sized by: one header read per file, and the same
+    sampling decision as counting them apart."""
+    root = _data(tmp_path, n_train=10)
+    h, w = np.array(Image.open(_bad_label(root))).shape
+    monkeypatch.setattr(pf, "FULL_SCAN_PIXELS", 3 * h * w)
+    opened: list[Path] = []
+    real = pf.image_size
+    monkeypatch.setattr(pf, "image_size", lambda p: opened.append(Path(p)) or real(p))
+    with caplog.at_level(logging.WARNING, logger="c2vkd"):
+        pf.preflight({"format": "folder", "root": str(root), "label_check": "auto"}, ["train"])
+    assert len(opened) == 20 and len(set(opened)) == 20  # 10 images + 10 labels, each once
+    assert "sample of 3 of 10 labels" in caplog.text
+    ds = build_dataset({"format": "folder", "root": str(root)}, "train", train=False)
+    assert pf.check_sizes(ds, "train") == 10 * h * w
+
+
 # ------------------------------------------------------------------------------------------- worker failures
 def test_worker_error_becomes_one_line():
     msg = ("Caught DatasetError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"

@@ -38,20 +38,24 @@ def image_size(path: Path) -> tuple[int, int]:
         raise DatasetError(f"cannot read the image header: {e}", path) from None
 
 
-def check_sizes(dataset: SegDataset, split: str) -> None:
-    """Raise a :class:`DatasetError` listing the samples whose label size differs from the image size."""
+def check_sizes(dataset: SegDataset, split: str) -> int:
+    """Raise a :class:`DatasetError` listing the samples whose label size differs from the image size. Returns
+    the split's label pixels (from the same headers), for :func:`check_label_values`."""
     bad: list[str] = []
+    pixels = 0
     for img, lbl in dataset.samples:
         if lbl is None:
             continue
         wi, hi = image_size(Path(img))
         wl, hl = image_size(Path(lbl))
+        pixels += wl * hl
         if (wi, hi) != (wl, hl):
             bad.append(f"{img} is {wi}x{hi} but its label {lbl} is {wl}x{hl}")
     if bad:
         more = f" (and {len(bad) - _LIMIT} more)" if len(bad) > _LIMIT else ""
         raise DatasetError(f"split {split!r}: {len(bad)} label(s) differ in size from their image{more}:\n  "
                            + "\n  ".join(bad[:_LIMIT]) + "\n(run `c2vkd data check` for the full decode check)")
+    return pixels
 
 
 def cache_dir() -> Path:
@@ -107,25 +111,20 @@ def label_values_present(labels: list[Path], split_labels: list[Path] | None = N
     return out
 
 
-def _label_pixels(dataset: SegDataset) -> int:
-    total = 0
-    for _, lbl in dataset.samples:
-        w, h = image_size(Path(lbl))
-        total += w * h
-    return total
-
-
-def check_label_values(dataset: SegDataset, split: str, mode: str = "auto") -> None:
+def check_label_values(dataset: SegDataset, split: str, mode: str = "auto", label_pixels: int | None = None
+                       ) -> None:
     """Raise a :class:`DatasetError` naming the label files that hold values which are neither a class id nor
     the void value. ``mode``: ``full`` scans every label, ``auto`` every label when the split has at most
-    ``FULL_SCAN_PIXELS`` label pixels and an evenly spaced sample of that size otherwise (logged), ``off`` skips."""
+    ``FULL_SCAN_PIXELS`` label pixels and an evenly spaced sample of that size otherwise (logged), ``off`` skips.
+    ``label_pixels``: the split's label pixels when known (:func:`check_sizes` returns them); else ``auto`` reads
+    the label headers for them."""
     if mode not in LABEL_CHECK_MODES:
         raise ValueError(f"data.label_check must be one of {', '.join(LABEL_CHECK_MODES)}, got {mode!r}")
     labels = split_labels = [Path(lbl) for _, lbl in dataset.samples if lbl is not None]
     if mode == "off" or not labels:
         return
     if mode == "auto":
-        total = _label_pixels(dataset)
+        total = label_pixels if label_pixels is not None else sum(w * h for w, h in map(image_size, labels))
         if total > FULL_SCAN_PIXELS:
             n = max(1, int(len(labels) * FULL_SCAN_PIXELS / total))
             picks = np.linspace(0, len(labels) - 1, n).round().astype(int)
@@ -164,5 +163,5 @@ def preflight(data_cfg: Mapping[str, Any], splits: Iterable[str], *, built: Mapp
                 raise DatasetError(f"pre-flight data check, split {split!r}: {e}", prefix_path=False) from e
         if len(ds) == 0:
             raise DatasetError(f"pre-flight data check: split {split!r} of {data_cfg.get('root')} is empty")
-        check_sizes(ds, split)
-        check_label_values(ds, split, label_check)
+        pixels = check_sizes(ds, split)  # one pass over the headers: sizes, and the pixels `auto` sizes its scan by
+        check_label_values(ds, split, label_check, pixels)
