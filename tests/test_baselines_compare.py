@@ -40,7 +40,7 @@ TERMS = {"kd": {"kd"}, "dkd": {"dkd"}, "cwd": {"kd", "cwd", "cwd_feat", "adv_g",
          "ofa": {"ofa_final", "ofa_stage1", "ofa_stage2", "ofa_stage3", "ofa_stage4"},
          "cirkd": {"kd", "cirkd_p2p", "cirkd_mem_p2p", "cirkd_mem_p2r"},
          "heteroakd": {"heteroakd", "heteroakd_kd", "heteroakd_proj_s", "heteroakd_proj_t"},
-         "hmkd": {"hmkd_gla", "hmkd_hfa"}}
+         "hmkd": {"hmkd_gla", "hmkd_hfa"}, "fskd": {"kd", "fskd_global", "fskd_patch", "fskd_attn"}}
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 Importing this package registers every built-in loss in ``LOSSES``:
 supervised ``ce``; C2VKD ``pdd`` and ``vlfd``; baselines ``kd``, ``dkd``, ``cwd``, ``skd``, ``ifvd``,
-``cirkd``, ``dist``, ``fitnet``, ``at``, ``ofa``, ``heteroakd`` and ``hmkd`` (reconstructions), and the
+``cirkd``, ``dist``, ``fitnet``, ``at``, ``ofa``, ``heteroakd``, ``hmkd`` and ``fskd`` (reconstructions), and the
 adversarial (holistic) term ``adv`` that SKD / IFVD / CWD presets add."""
 from c2vkd.losses.base import LOSSES, DistillLoss, LossContext, LossInputs, masked_mean
 from c2vkd.losses.ce import CELoss, ce_loss
@@ -17,6 +17,7 @@ from c2vkd.losses.cwd import CWDLoss, cwd_loss
 from c2vkd.losses.dist import DISTLoss, dist_loss
 from c2vkd.losses.dkd import DKDLoss, dkd_loss
 from c2vkd.losses.fitnet import FitNetLoss, fitnet_loss
+from c2vkd.losses.fskd import FSKDLoss, soft_rank, spearman_loss
 from c2vkd.losses.hmkd import HMKDLoss, gla_loss, hfa_loss
 from c2vkd.losses.heteroakd import HeteroAKDLoss, heteroakd_loss
 from c2vkd.losses.ifvd import IFVDLoss, ifvd_loss
@@ -32,6 +33,7 @@ __all__ = [
     "FeatureAdapter", "make_adapter", "resize_to",
     "AdversarialLoss", "Discriminator", "ATLoss", "at_loss", "CIRKDLoss", "cirkd_memory_loss", "cirkd_pixel_loss", "cirkd_region_loss",
     "CWDLoss", "cwd_loss", "DISTLoss", "dist_loss", "DKDLoss", "dkd_loss", "FitNetLoss", "fitnet_loss",
+    "FSKDLoss", "soft_rank", "spearman_loss",
     "HMKDLoss", "gla_loss", "hfa_loss",
     "HeteroAKDLoss", "heteroakd_loss",
     "IFVDLoss", "ifvd_loss", "KDLoss", "kd_loss", "OFABranch", "OFALoss", "ofa_loss", "SKDLoss", "skd_loss",
