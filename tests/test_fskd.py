@@ -195,6 +195,18 @@ def test_spearman_loss_is_one_minus_rho_of_the_hard_ranks_in_the_limit():
         spearman_loss(a[:, :1], b[:, :1])
 
 
+def test_at_the_specs_strength_the_attention_term_is_a_scaled_mse_of_the_importances():
+    """Softmax importances are probabilities (every gap < 1), so the l2 soft rank at strength 1 is fully pooled:
+    r = (n + 1)/2 + p - 1/n, and the term is exactly 6 ||p_s - p_t||^2 / (n (n^2 - 1))."""
+    g = torch.Generator().manual_seed(4)
+    ps = spatial_energy(torch.randn(3, 16, 8, 8, generator=g, dtype=torch.float64) * 3)
+    pt = spatial_energy(torch.randn(3, 32, 8, 8, generator=g, dtype=torch.float64) * 3)
+    n = 64
+    assert torch.allclose(soft_rank(ps, 1.0), (n + 1) / 2 + ps - 1 / n, atol=1e-13)
+    expected = (6 * (ps - pt).pow(2).sum(1) / (n * (n * n - 1))).mean()
+    assert float(spearman_loss(ps, pt, 1.0)) == pytest.approx(float(expected), rel=1e-10)
+
+
 # --------------------------------------------------------------------------------------------- formulas
 @pytest.mark.parametrize("kw", [{}, {"global_divisor": 16, "rank_strength": 1e-3, "eps": 0.5}])
 def test_terms_match_the_float64_transcription(kw):
