@@ -1,7 +1,7 @@
 """Shared checks for losses with trainable alignment heads: the heads are the optimizer's ``align`` group, are
 saved in training checkpoints, and resume exactly (a run resumed from its mid checkpoint ends bit-identical to
 the straight run: student, heads and optimizer state); and the seeded logit maps their per-pixel transcriptions
-are checked on. Used by tests/test_ofa.py, test_hmkd.py and test_heteroakd.py."""
+are checked on. Used by tests/test_ofa.py, test_hmkd.py, test_heteroakd.py and test_fskd.py."""
 from __future__ import annotations
 
 import json
@@ -20,6 +20,20 @@ def logit_maps(seed: int, *, k: int, h: int, w: int, b: int = 2, dtype=torch.flo
     y[0, :2] = ignore_index
     y[1, 3, 1:5] = ignore_index
     return s, t, y
+
+
+def report_terms(data_root: Path, out: Path, losses: str) -> dict:
+    """``c2vkd report`` (2 iterations) of the toy run with ``losses``: its per-term records (raw, grad_share, ...),
+    after checking that every term has a positive gradient share and a finite raw value."""
+    import math
+
+    from c2vkd.runners.report import run_report
+
+    cfg = out / "exp.yaml"
+    cfg.write_text("{}\n")
+    terms = run_report(cfg, toy_overrides(data_root, out, losses), iters=2)["compact"]["terms"]
+    assert all(terms[k]["grad_share"] > 0 and math.isfinite(terms[k]["raw"]) for k in terms), terms
+    return terms
 
 
 def toy_overrides(data_root: Path, out: Path, losses: str) -> list[str]:

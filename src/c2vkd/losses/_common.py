@@ -45,6 +45,18 @@ def tap_shapes(ctx, student_tap: str, teacher_tap: str, loss: str) -> tuple[tupl
     return tuple(ctx.student_shapes[student_tap]), tuple(ctx.teacher_shapes[teacher_tap])
 
 
+def map_shape(shapes: dict, tap: str, side: str, loss: str) -> tuple[int, ...]:
+    """The measured [B, C, h, w] shape of one tap (``ctx.student_shapes`` / ``ctx.teacher_shapes``), with a clear
+    error when the tap is missing or is not a spatial map."""
+    if tap not in shapes:
+        raise KeyError(f"loss {loss}: the {side} tap {tap!r} has no measured shape in the loss context "
+                       f"(available: {', '.join(sorted(shapes)) or 'none'})")
+    shape = tuple(int(v) for v in shapes[tap])
+    if len(shape) != 4:
+        raise ValueError(f"loss {loss}: the {side} tap {tap!r} is not a [B, C, h, w] map: {shape}")
+    return shape
+
+
 def feature_taps(args: dict) -> tuple[list[str], list[str]]:
     """The ``taps`` answer of a feature loss: (``[student_tap]``, ``[teacher_tap]``), both default "feat"."""
     return [str(args.get("student_tap", "feat"))], [str(args.get("teacher_tap", "feat"))]

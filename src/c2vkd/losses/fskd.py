@@ -83,7 +83,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from c2vkd.losses._common import no_autocast, resize_to
+from c2vkd.losses._common import map_shape, no_autocast, resize_to
 from c2vkd.losses.base import LOSSES, DistillLoss, LossContext, LossInputs
 
 DEFAULT_PAIRS = (("stage3", "layer3"), ("stage4", "feat"))
@@ -231,13 +231,7 @@ def _pairs(pairs) -> tuple[tuple[str, str], ...]:
 
 
 def _map_shape(shapes: dict, tap: str, side: str) -> tuple[int, ...]:
-    if tap not in shapes:
-        raise KeyError(f"loss fskd: the {side} tap {tap!r} has no measured shape in the loss context "
-                       f"(available: {', '.join(sorted(shapes)) or 'none'})")
-    shape = tuple(int(v) for v in shapes[tap])
-    if len(shape) != 4:
-        raise ValueError(f"loss fskd: the {side} tap {tap!r} is not a [B, C, h, w] map: {shape}")
-    return shape
+    return map_shape(shapes, tap, side, "fskd")
 
 
 @LOSSES.register("fskd")

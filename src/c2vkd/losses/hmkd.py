@@ -79,13 +79,12 @@ Inferred choices and deviations (hetero_kd.md section 1.6 quirks Q1-Q6 and ours)
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from c2vkd.losses._common import no_autocast
+from c2vkd.losses._common import map_shape, no_autocast
 from c2vkd.losses.base import LOSSES, DistillLoss, LossContext, LossInputs
 
 REFERENCE_TOKENS = 11 * 15  # the reference's GLA token count: 90 x 120 stage-1 grid, 8 x 8 patches
@@ -287,13 +286,7 @@ def auto_patch(h: int, w: int, tokens: int = REFERENCE_TOKENS) -> int:
 
 
 def _map_shape(shapes: dict, tap: str, side: str) -> tuple[int, ...]:
-    if tap not in shapes:
-        raise KeyError(f"loss hmkd: the {side} tap {tap!r} has no measured shape in the loss context "
-                       f"(available: {', '.join(sorted(shapes)) or 'none'})")
-    shape = tuple(int(v) for v in shapes[tap])
-    if len(shape) != 4:
-        raise ValueError(f"loss hmkd: the {side} tap {tap!r} is not a [B, C, h, w] map: {shape}")
-    return shape
+    return map_shape(shapes, tap, side, "hmkd")
 
 
 def _as_map(x: torch.Tensor, tap: str, side: str) -> torch.Tensor:
