@@ -30,10 +30,11 @@ for m in $METHODS; do
       --set eval.split=null --set eval.final_split=null --out "$OUT/$(basename "$c")" --seeds 0, --methods "$m" \
       --no-teacher-eval > "$OUT-$m-$(basename "$c").log" 2>&1) || { echo "$m: run failed at $c (log $OUT-$m-$(basename "$c").log)"; rc=1; continue 2; }
   done
-  if diff <(lines "$OUT/$(basename "$A")/$m/seed0/metrics.jsonl") <(lines "$OUT/$(basename "$B")/$m/seed0/metrics.jsonl") | head -6; then
+  d=$(diff <(lines "$OUT/$(basename "$A")/$m/seed0/metrics.jsonl") <(lines "$OUT/$(basename "$B")/$m/seed0/metrics.jsonl"))
+  if [ -z "$d" ] && [ -s "$OUT/$(basename "$A")/$m/seed0/metrics.jsonl" ]; then
     echo "$m: identical"
   else
-    echo "$m: DIFFERENT"; rc=1
+    echo "$m: DIFFERENT"; echo "$d" | head -6; rc=1
   fi
 done
 exit $rc
