@@ -65,6 +65,7 @@ EXPECTED: dict[str, tuple[list[dict], str, dict[str, float]]] = {
     "c2vkd-abl-cwd-logits-feat": ([PDD, VLFD, CE, CWD_LOGITS, CWD_FEAT], "grad_norm", TARGETS),
     "c2vkd-abl-pdd-t4": ([{**PDD, "temperature": 4.0}, VLFD, CE], "grad_norm", TARGETS),
     "c2vkd-abl-pdd-a1-b8": ([{**PDD, "alpha": 1.0, "beta": 8.0}, VLFD, CE], "grad_norm", TARGETS),
+    "c2vkd-abl-pdd-stride": ([{**PDD, "at": "stride"}, VLFD, CE], "grad_norm", TARGETS),
 }
 
 

@@ -309,3 +309,29 @@ def test_out_of_range_options_are_rejected(bad):
         pdd_loss(s, t, y, **bad)
     with pytest.raises(ValueError, match=list(bad)[0]):
         PDDLoss(LossContext(num_classes=5), **bad)
+
+
+def test_at_stride_reads_the_logits_taps_at_the_teachers_grid():
+    """``at: stride`` (issue 29): PDD on the ``logits`` taps, the student's resized bilinearly to the teacher's grid
+    and the labels nearest-downsampled (logits_pair, as kd / cwd); ``at: input`` (the default) is the models'
+    outputs at the crop, untouched. Checked against the plain-Python reference on the tensors each position means."""
+    ctx = LossContext(num_classes=5)
+    s_full, t_full, y = _inputs(B=2, K=5, H=8, W=12, n_ignore=6, seed=3)
+    g = torch.Generator().manual_seed(11)
+    s_tap = torch.randn(2, 5, 8, 12, generator=g, dtype=torch.float64)   # student at 1/4 of a 32 x 48 crop
+    t_tap = torch.randn(2, 5, 4, 6, generator=g, dtype=torch.float64)    # teacher at 1/8
+    y_crop = torch.randint(0, 5, (2, 32, 48), generator=g)
+    y_crop[0, :3] = IGN
+    inputs = LossInputs(student_logits=F.interpolate(s_full, size=(32, 48), mode="bilinear"), target=y_crop,
+                        teacher_logits=F.interpolate(t_full, size=(32, 48), mode="bilinear"),
+                        student_feats={"logits": s_tap}, teacher_feats={"logits": t_tap})
+    assert PDDLoss.taps({"at": "stride"}) == (["logits"], ["logits"]) and PDDLoss.taps({}) == ([], [])
+    got = PDDLoss(ctx, at="stride")(inputs)["pdd"]
+    s_grid = F.interpolate(s_tap, size=(4, 6), mode="bilinear", align_corners=False)
+    y_grid = F.interpolate(y_crop[:, None].float(), size=(4, 6), mode="nearest")[:, 0].long()
+    assert got.item() == pytest.approx(ref_pdd(s_grid, t_tap, y_grid), rel=1e-9)
+    default = PDDLoss(ctx)(inputs)["pdd"]
+    assert torch.equal(default, pdd_loss(inputs.student_logits, inputs.teacher_logits, y_crop))
+    assert abs(default.item() - got.item()) > 1e-3
+    with pytest.raises(ValueError, match="'at' must be one of"):
+        PDDLoss(ctx, at="crop")

@@ -37,6 +37,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from c2vkd.losses.base import LOSSES, DistillLoss, LossContext, LossInputs
+from c2vkd.losses._common import check_logits_at, logits_pair, logits_taps
 
 #: "default": teacher-as-target TC plus NC (method.md defaults). "paper": the paper's Eq. 9 as written.
 PDD_PRESETS: dict[str, dict[str, object]] = {
@@ -254,15 +255,20 @@ def pdd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
 @LOSSES.register("pdd")
 class PDDLoss(DistillLoss):
     """PDD on the logits. Args: weight, preset ('default' | 'paper' = reverse KL, NC off), and any of alpha,
-    beta, temperature, gt_mix, direction, use_nckd to override the preset; memory_efficient (default True)."""
+    beta, temperature, gt_mix, direction, use_nckd to override the preset; memory_efficient (default True);
+    at ('input', the default: logits at the crop | 'stride': the ``logits`` taps at the teacher's stride)."""
 
     requires_teacher = True
 
     def __init__(self, ctx: LossContext, weight: float = 1.0, alpha: float | None = None,
                  beta: float | None = None, temperature: float | None = None, gt_mix: float | None = None,
                  direction: str | None = None, use_nckd: bool | None = None, preset: str = "default",
-                 memory_efficient: bool = True) -> None:
+                 memory_efficient: bool = True, at: str = "input") -> None:
         super().__init__(ctx, weight)
+        # where PDD reads the logits: "input" (the models' outputs upsampled to the crop; method.md, the default)
+        # or "stride" (the classifiers' own grid, the teacher's output stride; labels nearest-downsampled, as
+        # kd / cwd do with at: stride): (stride)^2 fewer pixels, e.g. 16x at SegFormer's 1/4 (issue 29)
+        self.at = check_logits_at(at, "pdd")
         if preset not in PDD_PRESETS:
             raise ValueError(f"pdd: unknown preset {preset!r}; choose from {', '.join(PDD_PRESETS)}")
         opts = dict(PDD_PRESETS[preset])
@@ -278,14 +284,19 @@ class PDDLoss(DistillLoss):
         self.use_nckd = bool(opts["use_nckd"])
         self.memory_efficient = bool(memory_efficient)
 
+    @classmethod
+    def taps(cls, args: dict) -> tuple[list[str], list[str]]:
+        return logits_taps(str(args.get("at", "input")))
+
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, beta={self.beta}, T={self.temperature}, gt_mix={self.gt_mix}, "
-                f"direction={self.direction}, use_nckd={self.use_nckd}")
+                f"direction={self.direction}, use_nckd={self.use_nckd}, at={self.at}")
 
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
         if inputs.teacher_logits is None:
             raise ValueError("loss pdd needs teacher logits (LossInputs.teacher_logits is None)")
-        return {"pdd": pdd_loss(inputs.student_logits, inputs.teacher_logits, inputs.target, alpha=self.alpha,
+        s, t, target = logits_pair(inputs, self.at)
+        return {"pdd": pdd_loss(s, t, target, alpha=self.alpha,
                                 beta=self.beta, temperature=self.temperature, gt_mix=self.gt_mix,
                                 direction=self.direction, use_nckd=self.use_nckd,
                                 ignore_index=self.ignore_index, memory_efficient=self.memory_efficient)}
