@@ -35,26 +35,37 @@ def no_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def _measured_shape(shapes: dict, tap: str, side: str, loss: str) -> tuple[int, ...]:
+    if tap not in shapes:
+        raise KeyError(f"loss {loss}: the {side} tap {tap!r} has no measured shape in the loss context "
+                       f"(available: {', '.join(sorted(shapes)) or 'none'})")
+    return tuple(int(v) for v in shapes[tap])
+
+
 def tap_shapes(ctx, student_tap: str, teacher_tap: str, loss: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(student shape, teacher shape) of the named taps from a LossContext, with a clear error."""
-    for side, shapes, name in (("student", ctx.student_shapes, student_tap),
-                               ("teacher", ctx.teacher_shapes, teacher_tap)):
-        if name not in shapes:
-            raise KeyError(f"loss {loss}: the {side} tap {name!r} has no measured shape in the loss "
-                           f"context (available: {', '.join(sorted(shapes)) or 'none'})")
-    return tuple(ctx.student_shapes[student_tap]), tuple(ctx.teacher_shapes[teacher_tap])
+    return (_measured_shape(ctx.student_shapes, student_tap, "student", loss),
+            _measured_shape(ctx.teacher_shapes, teacher_tap, "teacher", loss))
 
 
 def map_shape(shapes: dict, tap: str, side: str, loss: str) -> tuple[int, ...]:
     """The measured [B, C, h, w] shape of one tap (``ctx.student_shapes`` / ``ctx.teacher_shapes``), with a clear
     error when the tap is missing or is not a spatial map."""
-    if tap not in shapes:
-        raise KeyError(f"loss {loss}: the {side} tap {tap!r} has no measured shape in the loss context "
-                       f"(available: {', '.join(sorted(shapes)) or 'none'})")
-    shape = tuple(int(v) for v in shapes[tap])
+    shape = _measured_shape(shapes, tap, side, loss)
     if len(shape) != 4:
         raise ValueError(f"loss {loss}: the {side} tap {tap!r} is not a [B, C, h, w] map: {shape}")
     return shape
+
+
+def logits_grid(ctx, at: str, loss: str) -> tuple[int, int]:
+    """The (h, w) a logits loss with ``at`` works at: the input size (``input``) or the teacher's ``logits`` tap
+    (``stride``); what heads that predict class logits (OFA's branches, HeteroAKD's projectors) are sized for."""
+    if at == "input":
+        return (int(ctx.input_size[0]), int(ctx.input_size[1]))
+    if LOGITS_TAP not in ctx.teacher_shapes:
+        raise KeyError(f"loss {loss}: at: stride needs the teacher's 'logits' tap shape in the loss context")
+    t = ctx.teacher_shapes[LOGITS_TAP]
+    return (int(t[2]), int(t[3]))
 
 
 def feature_taps(args: dict) -> tuple[list[str], list[str]]:

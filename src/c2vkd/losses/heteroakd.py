@@ -76,7 +76,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from c2vkd.losses._common import check_logits_at, check_same_shape, logits_pair, logits_taps, no_autocast
+from c2vkd.losses._common import check_logits_at, check_same_shape, logits_grid, logits_pair, logits_taps, map_shape, \
+    no_autocast
 from c2vkd.losses.adapters import FeatureAdapter
 from c2vkd.losses.base import LOSSES, DistillLoss, LossContext, LossInputs, masked_mean
 from c2vkd.losses.kd import kd_loss
@@ -195,27 +196,13 @@ class HeteroAKDLoss(DistillLoss):
         w = float(weight)
         self.weights = {"heteroakd": w, "heteroakd_kd": w * float(kd_weight),
                         "heteroakd_proj_s": w * float(proj_weight), "heteroakd_proj_t": w * float(proj_weight)}
-        grid = self._grid(ctx)
+        grid = logits_grid(ctx, self.at, "heteroakd")
         heads = {}
         for side, shapes, tap in (("student", ctx.student_shapes, self.student_tap),
                                   ("teacher", ctx.teacher_shapes, self.teacher_tap)):
-            if tap not in shapes:
-                raise KeyError(f"loss heteroakd: the {side} tap {tap!r} has no measured shape in the loss context "
-                               f"(available: {', '.join(sorted(shapes)) or 'none'})")
-            if len(shapes[tap]) != 4:
-                raise ValueError(f"loss heteroakd: the {side} tap {tap!r} is not a [B, C, h, w] map: "
-                                 f"{tuple(shapes[tap])}")
-            heads[side] = FeatureAdapter(int(shapes[tap][1]), ctx.num_classes, grid, PROJECTORS[projector])
+            channels = map_shape(shapes, tap, side, "heteroakd")[1]
+            heads[side] = FeatureAdapter(channels, ctx.num_classes, grid, PROJECTORS[projector])
         self.student_proj, self.teacher_proj = heads["student"], heads["teacher"]
-
-    def _grid(self, ctx: LossContext) -> tuple[int, int]:
-        """The fallback grid (h, w) of the projectors: the teacher's ``logits`` tap, or the input size."""
-        if self.at == "input":
-            return (int(ctx.input_size[0]), int(ctx.input_size[1]))
-        if "logits" not in ctx.teacher_shapes:
-            raise KeyError("loss heteroakd: at: stride needs the teacher's 'logits' tap shape in the loss context")
-        t = ctx.teacher_shapes["logits"]
-        return (int(t[2]), int(t[3]))
 
     @classmethod
     def taps(cls, args: dict) -> tuple[list[str], list[str]]:

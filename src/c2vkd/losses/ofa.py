@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from c2vkd.losses._common import check_logits_at, check_same_shape, logits_pair, logits_taps, no_autocast, \
+from c2vkd.losses._common import check_logits_at, check_same_shape, logits_grid, logits_pair, logits_taps, no_autocast, \
     resize_to
 from c2vkd.losses.base import LOSSES, DistillLoss, LossContext, LossInputs, masked_mean
 
@@ -209,22 +209,13 @@ class OFALoss(DistillLoss):
                 raise KeyError(f"loss ofa: student taps {missing} have no measured shape in the loss context "
                                f"(available: {', '.join(sorted(shapes)) or 'none'})")
             width = int(head_channels) if head_channels else int(shapes["feat"][1])
-            grid = self._grid(ctx)
+            grid = logits_grid(ctx, self.at, "ofa")
             for tap, term, depth in zip(self.stages, self.stage_terms, self.depths):
                 shape = shapes[tap]
                 if len(shape) != 4:
                     raise ValueError(f"loss ofa: student tap {tap!r} is not a [B, C, h, w] map: {tuple(shape)}")
                 down = max(int(round(math.log2(shape[2] / grid[0]))), 0) if shape[2] > grid[0] else 0
                 self.branches[term] = OFABranch(shape[1], width, ctx.num_classes, depth, down, grid)
-
-    def _grid(self, ctx: LossContext) -> tuple[int, int]:
-        """The logits grid (h, w) the branches predict at: the teacher's ``logits`` tap, or the input size."""
-        if self.at == "input":
-            return (int(ctx.input_size[0]), int(ctx.input_size[1]))
-        if "logits" not in ctx.teacher_shapes:
-            raise KeyError("loss ofa: at: stride needs the teacher's 'logits' tap shape in the loss context")
-        t = ctx.teacher_shapes["logits"]
-        return (int(t[2]), int(t[3]))
 
     @classmethod
     def taps(cls, args: dict) -> tuple[list[str], list[str]]:
