@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             verdict_ok = False
             continue
         ca, cb = curve(ra), curve(rb)
-        noise = [curve(r) for k in range(10) if (r := load(args.noise, m, k)) is not None]
+        noise_recs = [r for k in range(10) if (r := load(args.noise, m, k)) is not None]
+        noise = [curve(r) for r in noise_recs]
         print(f"\n## {m}, seed {args.seed}: {args.a.name} ({ra['code']['commit'][:7]}) vs {args.b.name} "
               f"({rb['code']['commit'][:7]}); seed noise from {len(noise)} seeds of {args.noise.name}")
         print("| iteration | a | b | b - a | seed range | seed sd | within range |\n|---:|---:|---:|---:|---:|---:|:-:|")
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             n_out += not ok
             print(f"| {it} | {ca[it]:.2f} | {cb[it]:.2f} | {d:+.2f} | {rng:.2f} | {sd:.2f} | {'yes' if ok else 'NO'} |")
         finals = [c[max(c)] for c in noise]
-        tests = [100 * r["miou"] for k in range(10) if (r := load(args.noise, m, k)) is not None and r.get("split") == "test"]
+        tests = [100 * r["miou"] for r in noise_recs if r.get("split") == "test"]
         print(f"final val: a {ca[max(ca)]:.2f}, b {cb[max(cb)]:.2f} (seed range {min(finals):.2f} .. {max(finals):.2f}); "
               f"test: a {100 * ra['miou']:.2f}, b {100 * rb['miou']:.2f}"
               + (f" (seed range {min(tests):.2f} .. {max(tests):.2f})" if tests else "")
