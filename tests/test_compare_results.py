@@ -124,6 +124,42 @@ def test_interim_gain_ratio_uses_every_seed_a_preset_shares_with_none() -> None:
     assert "gain_ratio_partial" not in summarize(full, ["a"])
 
 
+def test_screen_variants_show_val_only_until_confirmed() -> None:
+    """An ablation preset (configs/ablation/) with fewer than 3 seeds is screened on val: its test mIoU appears
+    nowhere in the summary, it is paired with `none` on final val, and it is not what the summary recommends."""
+    from c2vkd.runners.compare_summary import format_markdown, summarize
+    from c2vkd.runners.results import is_ablation
+    abl = "c2vkd-abl-cwd-feat"
+    assert is_ablation(abl) and not is_ablation("cwd") and not is_ablation("no-such-preset")
+    assert is_ablation("x/ablation/my.yaml") and not is_ablation("x/methods/my.yaml")
+    results = {"none": {0: _record(0.30, 0.26), 1: _record(0.31, 0.27)},
+               "cwd": {0: _record(0.34, 0.31), 1: _record(0.35, 0.30)},
+               abl: {0: _record(0.9876, 0.33, val_start=0.29), 1: _record(0.9876, 0.30, val_start=0.29)}}
+    s = summarize(results, ["a"])
+    assert abl not in s["methods"] and s["confirm_seeds"] == 3
+    e = s["screen"][abl]
+    assert e["seeds"] == 2 and e["val_final_per_seed"] == {"0": 0.33, "1": 0.30}
+    assert e["val_final_mean"] == pytest.approx(0.315)
+    assert e["val_last_quarter_gain_mean"] == pytest.approx((0.04 + 0.01) / 2)
+    # final val paired with none's: diffs 0.07, 0.03 -> mean 0.05, sd sqrt(0.0008), t(0.975, 1) = 12.706
+    pd = e["val_paired_vs_none"]
+    half = 12.706 * math.sqrt(0.0008) / math.sqrt(2)
+    assert pd["mean"] == pytest.approx(0.05) and pd["ci95"] == pytest.approx([0.05 - half, 0.05 + half])
+    # best on val (0.315 > cwd's 0.305) but not confirmed: named as the best screen variant, not recommended
+    assert s["recommended"]["method"] == "cwd" and s["recommended"]["best_screen_on_val"] == abl
+    assert s["recommended"]["best_c2vkd_on_val"] is None and abl not in s.get("gain_ratio", {})
+    md = format_markdown(s, title="t")
+    assert "98.76" not in md and "0.9876" not in json.dumps(s)
+    assert f"| {abl} | 2 | 31.50 | +5.00 [{100 * (0.05 - half):+.2f}, {100 * (0.05 + half):+.2f}] (noise) | +2.50 | 1 s |" in md
+    assert "among all methods but the screen variants): **cwd**" in md and f"best screen variant on val: {abl}." in md
+    # the third seed confirms it: it becomes an ordinary row, with its test numbers, paired against the best prior
+    results[abl][2] = _record(0.9876, 0.30)
+    results["none"][2], results["cwd"][2] = _record(0.30, 0.26), _record(0.34, 0.30)
+    s = summarize(results, ["a"])
+    assert "screen" not in s and s["methods"][abl]["miou_mean"] == pytest.approx(0.9876)
+    assert s["methods"][abl]["paired_vs_best_prior"]["mean"] == pytest.approx(0.9876 - 0.3433333, abs=1e-6)
+
+
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _toy.write_compare_experiment(tmp_path_factory.mktemp("cmpres"), iters=2, val_interval=1)

@@ -8,8 +8,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from c2vkd.runners.results import (RECONSTRUCTION_MARK, bootstrap_ratio_ci, display_label, gain_ratio, is_c2vkd,
-                                   is_reconstruction, paired_difference)
+from c2vkd.runners.results import (CONFIRM_SEEDS, RECONSTRUCTION_MARK, bootstrap_ratio_ci, display_label, gain_ratio,
+                                   is_ablation, is_c2vkd, is_reconstruction, paired_difference)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -30,10 +30,33 @@ def val_stats(record: dict[str, Any]) -> tuple[float | None, float | None]:
     return final, (final - before[-1]) if before else None
 
 
+def _val_finals(per_seed: dict[int, dict[str, Any]]) -> dict[int, float]:
+    finals = {int(s): val_stats(r)[0] for s, r in per_seed.items()}
+    return {s: v for s, v in finals.items() if v is not None}
+
+
+def _screen_entry(per_seed: dict[int, dict[str, Any]], none: dict[int, dict[str, Any]] | None) -> dict[str, Any]:
+    """A screen variant's val-only view: final val mIoU per seed and mean, its last-quarter gain, and its final val
+    paired by seed with `none`'s. No test number is read."""
+    finals = _val_finals(per_seed)
+    quarters = [q for _, q in map(val_stats, per_seed.values()) if q is not None]
+    return {"seeds": len(per_seed), "val_final_per_seed": {str(s): v for s, v in finals.items()},
+            "val_final_mean": statistics.fmean(finals.values()) if finals else None,
+            "val_last_quarter_gain_mean": statistics.fmean(quarters) if quarters else None,
+            "val_paired_vs_none": paired_difference(finals, _val_finals(none)) if none else None,
+            "wall_s_mean": statistics.fmean([r["wall_s"] for r in per_seed.values()])}
+
+
 def summarize(results: dict[str, dict[int, dict[str, Any]]], class_names: list[str],
-              teacher: dict[str, Any] | None = None) -> dict[str, Any]:
+              teacher: dict[str, Any] | None = None, *, confirm_seeds: int = CONFIRM_SEEDS) -> dict[str, Any]:
     """Per-method mean/std mIoU, gain over ``none`` (mean and paired, with a 95% interval) and the C2VKD gain
-    ratio (method.md section 5) with its bootstrap interval over seeds."""
+    ratio (method.md section 5) with its bootstrap interval over seeds.
+
+    An ablation variant with fewer than ``confirm_seeds`` seeds is a screen variant (results.is_ablation): it
+    goes to ``summary["screen"]`` with its val numbers only, and takes part in the recommendation (made on val)
+    but in nothing read from test."""
+    screen_runs = {m: r for m, r in results.items() if r and is_ablation(m) and len(r) < confirm_seeds}
+    results = {m: r for m, r in results.items() if m not in screen_runs}
     methods: dict[str, Any] = {}
     for m, per_seed in results.items():
         mious = [r["miou"] for r in per_seed.values() if r.get("miou") is not None]
@@ -51,20 +74,26 @@ def summarize(results: dict[str, dict[int, dict[str, Any]]], class_names: list[s
                       "val_final_mean": statistics.fmean(finals) if finals else None,
                       "val_last_quarter_gain_mean": statistics.fmean(quarters) if quarters else None,
                       "wall_s_mean": statistics.fmean([r["wall_s"] for r in per_seed.values()])}
-    base = methods.get("none")
     summary: dict[str, Any] = {"methods": methods, "class_names": class_names, "teacher": teacher}
+    if screen_runs:
+        summary["screen"] = {m: _screen_entry(r, results.get("none")) for m, r in screen_runs.items()}
+        summary["confirm_seeds"] = confirm_seeds
     recon = [m for m in methods if is_reconstruction(m)]
     if recon:
         summary["reconstructions"] = recon  # shown as NAME* (results.display_label)
     on_val = {m: r["val_final_mean"] for m, r in methods.items() if r["val_final_mean"] is not None}
     ours_on_val = {m: v for m, v in on_val.items() if is_c2vkd(m)}
+    screen_on_val = {m: r["val_final_mean"] for m, r in summary.get("screen", {}).items()
+                     if r["val_final_mean"] is not None}
     if on_val:
         # Chosen on val, never on test: what a user should run is the method with the best mean final val mIoU,
-        # whatever family it belongs to; the best C2VKD-family preset on val is said beside it.
-        summary["recommended"] = {"method": max(on_val, key=lambda m: on_val[m]),
-                                  "best_c2vkd_on_val": (max(ours_on_val, key=lambda m: ours_on_val[m])
-                                                        if ours_on_val else None),
+        # whatever family it belongs to, among the methods that are not still being screened; the best
+        # C2VKD-family preset on val and the best screen variant are said beside it.
+        best = lambda d: max(d, key=lambda m: d[m]) if d else None  # noqa: E731
+        summary["recommended"] = {"method": best(on_val), "best_c2vkd_on_val": best(ours_on_val),
+                                  "best_screen_on_val": best(screen_on_val),
                                   "by": "mean final val mIoU over seeds"}
+    base = methods.get("none")
     if base is None:
         summary["note"] = "no 'none' (student without KD) variant: gains are not defined"
         return summary
@@ -159,12 +188,27 @@ def format_markdown(summary: dict[str, Any], *, title: str, command: str | None 
                      f"{pct(r.get('val_final_mean'))} | {pct(r.get('val_last_quarter_gain_mean'), '+')} | "
                      f"{r['wall_s_mean']:.0f} s |")
     lines.append("")
+    screen = summary.get("screen") or {}
+    if screen:
+        lines += [f"Screen variants (ablation presets with fewer than {summary['confirm_seeds']} seeds): chosen on "
+                  "val, so only their val numbers are shown; their test numbers are withheld until a variant is "
+                  "confirmed with that many seeds.", "",
+                  "| screen variant | seeds | val final | paired val diff vs none [95% CI] | val last-quarter gain | "
+                  "wall time / run |", "|---|---:|---:|---|---:|---:|"]
+        for m, r in screen.items():
+            lines.append(f"| {lab(m)} | {r['seeds']} | {pct(r['val_final_mean'])} | "
+                         f"{_paired_text(r['val_paired_vs_none'])} | {pct(r['val_last_quarter_gain_mean'], '+')} | "
+                         f"{r['wall_s_mean']:.0f} s |")
+        lines.append("")
     rec = summary.get("recommended")
     if rec:
-        lines += [f"Recommended method (chosen on val, {rec['by']}, among all methods): **{lab(rec['method'])}**; "
-                  f"best C2VKD-family preset on val: {rec['best_c2vkd_on_val'] or '-'}. Val final / last-quarter "
-                  "gain: the last validation mIoU and its change over the last quarter of training (near 0: the "
-                  "student is near its plateau).", ""]
+        lines += [f"Recommended method (chosen on val, {rec['by']}, among all methods"
+                  f"{' but the screen variants' if screen else ''}): **{lab(rec['method'])}**; "
+                  f"best C2VKD-family preset on val: {rec['best_c2vkd_on_val'] or '-'}"
+                  + (f"; best screen variant on val: {rec['best_screen_on_val']}" if rec.get("best_screen_on_val")
+                     else "")
+                  + ". Val final / last-quarter gain: the last validation mIoU and its change over the last quarter "
+                  "of training (near 0: the student is near its plateau).", ""]
     if "best_prior" in summary:
         best = summary["best_prior"]
         lines.append(f"Best prior KD method: **{lab(best)}** "
@@ -215,7 +259,7 @@ def format_markdown(summary: dict[str, Any], *, title: str, command: str | None 
                 cells.append("-" if v is None else f"{100 * v:.1f}")
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
         lines.append("")
-    if any(is_reconstruction(m) for m in summary["methods"]):
+    if summary.get("reconstructions"):
         lines += [f"`{RECONSTRUCTION_MARK}` marks a reconstruction: a method without official code, rebuilt from its "
                   "paper and third-party code; its preset header and docs/methods.md list every inferred choice.", ""]
     return "\n".join(lines)

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -34,22 +35,46 @@ RECONSTRUCTION_LINE = re.compile(r"#\s*reconstruction\s*:", re.IGNORECASE)
 RECONSTRUCTION_MARK = "*"
 
 
-def is_reconstruction(method: str) -> bool:
-    """Whether ``method`` (a packaged preset name, as records and summaries name methods, or a preset path) opts
-    in with a ``# Reconstruction:`` header line. False for a name without a preset file."""
-    path = Path(method) if method.endswith((".yaml", ".yml")) else PACKAGE_CONFIGS / "methods" / f"{method}.yaml"
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return False
-    for line in lines:
+@functools.lru_cache(maxsize=256)
+def _header_lines(path: Path, mtime_ns: int) -> tuple[str, ...]:
+    """A preset's leading comment block (read once per file version: tables ask for every row's label)."""
+    header = []
+    for line in path.read_text().splitlines():
         if not line.strip():
             continue
         if not line.lstrip().startswith("#"):
-            return False  # the header ends at the first YAML line
-        if RECONSTRUCTION_LINE.match(line.strip()):
-            return True
-    return False
+            break  # the header ends at the first YAML line
+        header.append(line.strip())
+    return tuple(header)
+
+
+def _preset_path(method: str, folder: str) -> Path:
+    return Path(method) if method.endswith((".yaml", ".yml")) else PACKAGE_CONFIGS / folder / f"{method}.yaml"
+
+
+def is_reconstruction(method: str) -> bool:
+    """Whether ``method`` (a packaged preset name, as records and summaries name methods, or a preset path) opts
+    in with a ``# Reconstruction:`` header line. False for a name without a preset file."""
+    path = _preset_path(method, "methods")
+    try:
+        header = _header_lines(path, path.stat().st_mtime_ns)
+    except OSError:
+        return False
+    return any(RECONSTRUCTION_LINE.match(line) for line in header)
+
+
+#: An ablation variant (a preset in configs/ablation/) is a **screen** variant until it has this many seeds: the
+#: recipe is chosen on val, so the summaries show a screen variant's val numbers only and withhold its test ones
+#: until it is confirmed (issue 26).
+CONFIRM_SEEDS = 3
+
+
+def is_ablation(method: str) -> bool:
+    """Whether ``method`` names a packaged ablation preset (records name it by its label) or is a preset path in
+    a folder named ``ablation``."""
+    if method.endswith((".yaml", ".yml")):
+        return Path(method).parent.name == "ablation"
+    return (PACKAGE_CONFIGS / "ablation" / f"{method}.yaml").is_file()
 
 
 def display_label(method: str) -> str:
