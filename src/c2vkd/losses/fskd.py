@@ -230,10 +230,6 @@ def _pairs(pairs) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def _map_shape(shapes: dict, tap: str, side: str) -> tuple[int, ...]:
-    return map_shape(shapes, tap, side, "fskd")
-
-
 @LOSSES.register("fskd")
 class FSKDLoss(DistillLoss):
     """FSKD* (reconstruction). Args: ``weight`` (1.0, multiplies every term), ``global_weight`` (1.0),
@@ -262,10 +258,11 @@ class FSKDLoss(DistillLoss):
         self.weights = {"fskd_global": w * float(global_weight), "fskd_patch": w * float(patch_weight),
                         "fskd_attn": w * float(attn_weight)}
         self.align = nn.ModuleList(
-            GlobalAlign(_map_shape(ctx.student_shapes, s, "student"), _map_shape(ctx.teacher_shapes, t, "teacher"))
+            GlobalAlign(map_shape(ctx.student_shapes, s, "student", "fskd"),
+                        map_shape(ctx.teacher_shapes, t, "teacher", "fskd"))
             for s, t in self.pairs)
-        _map_shape(ctx.student_shapes, self.attn_taps[0], "student")
-        _map_shape(ctx.teacher_shapes, self.attn_taps[1], "teacher")
+        map_shape(ctx.student_shapes, self.attn_taps[0], "student", "fskd")
+        map_shape(ctx.teacher_shapes, self.attn_taps[1], "teacher", "fskd")
 
     @classmethod
     def taps(cls, args: dict) -> tuple[list[str], list[str]]:

@@ -285,10 +285,6 @@ def auto_patch(h: int, w: int, tokens: int = REFERENCE_TOKENS) -> int:
     return int(best)
 
 
-def _map_shape(shapes: dict, tap: str, side: str) -> tuple[int, ...]:
-    return map_shape(shapes, tap, side, "hmkd")
-
-
 def _as_map(x: torch.Tensor, tap: str, side: str) -> torch.Tensor:
     if x.dim() != 4:
         raise ValueError(f"loss hmkd: the {side} tap {tap!r} is not a [B, C, h, w] map: {tuple(x.shape)}")
@@ -322,10 +318,10 @@ class HMKDLoss(DistillLoss):
         self.weights = {"hmkd_gla": float(weight) * float(gla_weight),
                         "hmkd_hfa": float(weight) * float(hfa_weight)}
 
-        s1 = _map_shape(ctx.student_shapes, self.gla_taps[0], "student")
-        t1 = _map_shape(ctx.teacher_shapes, self.gla_taps[1], "teacher")
-        s3 = _map_shape(ctx.student_shapes, self.hfa_taps[0], "student")
-        t3 = _map_shape(ctx.teacher_shapes, self.hfa_taps[1], "teacher")
+        s1 = map_shape(ctx.student_shapes, self.gla_taps[0], "student", "hmkd")
+        t1 = map_shape(ctx.teacher_shapes, self.gla_taps[1], "teacher", "hmkd")
+        s3 = map_shape(ctx.student_shapes, self.hfa_taps[0], "student", "hmkd")
+        t3 = map_shape(ctx.teacher_shapes, self.hfa_taps[1], "teacher", "hmkd")
         if patch == "auto":
             self.patch = auto_patch(s1[2], s1[3])
         elif isinstance(patch, int) and not isinstance(patch, bool) and patch >= 1:
