@@ -238,8 +238,9 @@ def pdd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
         raise ValueError("pdd: needs at least 2 classes (the non-target distribution is empty otherwise)")
     valid = (target != ignore_index).unsqueeze(1)                                 # [B, 1, H, W] bool
     idx = target.unsqueeze(1).long()
-    if bool(((idx < 0) | (idx >= k))[valid].any()):
-        bad = torch.unique(idx[valid & ((idx < 0) | (idx >= k))])[:10].tolist()
+    out_of_range = ((idx < 0) | (idx >= k)) & valid  # elementwise, not valid-mask indexing: no nonzero/gather
+    if bool(out_of_range.any()):
+        bad = torch.unique(idx[out_of_range])[:10].tolist()
         raise ValueError(f"pdd: labels {bad} are outside [0, {k}) and are not ignore_index={ignore_index}")
     idx = torch.where(valid, idx, torch.zeros_like(idx))      # any in-range class; those pixels are masked
     teacher = teacher_logits.detach()
