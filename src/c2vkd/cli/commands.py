@@ -144,6 +144,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     setup_logging()
     command = "c2vkd " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["compare"] else None
+    if args.across is not None:
+        from c2vkd.runners.compare import compare_across
+        from c2vkd.utils.io import atomic_write_text
+
+        if args.summarize or args.config or args.methods:
+            raise ConfigError("--across only reads results folders: give it no CONFIG, --methods or --summarize")
+        across = compare_across(args.across, command=command)
+        print(across["markdown"])
+        if args.out:
+            atomic_write_text(Path(args.out), across["markdown"])
+            print(f"written: {args.out}")
+        return 0
     if args.summarize:
         from c2vkd.runners.compare import summarize_results
 
@@ -152,7 +164,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"written: {summary['out_dir']}/compare.md, compare.json, " + ", ".join(Path(p).name for p in summary["plots"]))
         return 0
     if not args.config or not args.methods:
-        raise ConfigError("c2vkd compare needs CONFIG and --methods (or --summarize DIR)")
+        raise ConfigError("c2vkd compare needs CONFIG and --methods (or --summarize DIR, or --across DIR DIR ...)")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     summary = run_compare(args.config, methods, args.seeds, overrides=args.overrides, out_dir=args.out or args.run_dir,
                           command=command, eval_teacher=not args.no_teacher_eval, results_dir=args.results)

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the metrics as JSON here")
 
     p = sub.add_parser("compare", help="train several KD methods x seeds under one schedule; tabulate gains")
-    p.add_argument("config", nargs="?", default=None, help="experiment YAML (not needed with --summarize)")
+    p.add_argument("config", nargs="?", default=None, help="experiment YAML (not needed with --summarize or --across)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable), e.g. --set optim.lr=1e-4")
     p.add_argument("--results", default=None, metavar="DIR",
@@ -79,12 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "is rebuilt from every record in DIR")
     p.add_argument("--summarize", default=None, metavar="DIR",
                    help="only rebuild DIR/compare.md, compare.json and plots from the records in DIR")
+    p.add_argument("--across", nargs="+", default=None, metavar="DIR",
+                   help="set two or more protocols' results folders side by side per method (gain vs none, rank, "
+                        "rank correlations per pair of protocols); prints markdown, writes it to --out FILE.md if "
+                        "given, and writes nothing into the DIRs")
     p.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)  # alias of --out
     p.add_argument("--methods", default=None,
                    help="comma-separated method presets (configs/methods/*.yaml names or YAML paths), e.g. "
                         "none,kd,dkd,cwd,cirkd,c2vkd; 'none' is the student-without-KD reference")
     p.add_argument("--seeds", default="1", help="a count (experiment.seed, +1, ...) or a list such as 0,1,2")
-    p.add_argument("--out", default=None, help="output folder (default: OUTPUT_DIR/compare-NAME); rerun to resume")
+    p.add_argument("--out", default=None, help="output folder (default: OUTPUT_DIR/compare-NAME); rerun to resume; "
+                                               "with --across, the markdown file to write")
     p.add_argument("--no-teacher-eval", action="store_true", help="do not evaluate the teacher checkpoint")
 
     p = sub.add_parser("report", help="which loss terms really train the student: gradient share per term over "

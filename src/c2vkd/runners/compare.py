@@ -21,7 +21,8 @@ Results that accumulate across sessions and machines (``--results DIR``): every 
 wall time) is written to ``DIR/<method>/seed<k>.json``, meant to be committed. A rerun skips every variant
 that has a record (after checking that the record's protocol, i.e. its config less paths and names, is the
 planned one), and the summary (``DIR/compare.json``, ``compare.md``, plots) is rebuilt from *all* records in
-DIR: ``c2vkd compare --summarize DIR`` does only that.
+DIR: ``c2vkd compare --summarize DIR`` does only that. ``c2vkd compare --across DIR DIR ...`` sets several
+protocols' summaries side by side per method (gains, ranks, rank correlations) without writing into the DIRs.
 
 This module runs the variants and writes the records; the table, markdown and plots are built in
 ``compare_summary.py``, the statistics and records' format in ``results.py``.
@@ -37,10 +38,11 @@ from typing import Any, Sequence
 
 from c2vkd.config import ConfigError, dump_config, load_config
 # re-exported: `compare` is where users look for the statistics and the summary of a comparison
-from c2vkd.runners.compare_summary import format_markdown, plot_compare, summarize
+from c2vkd.runners.compare_summary import (across_protocols, format_across_markdown, format_markdown, plot_compare,
+                                           summarize)
 from c2vkd.runners.results import (bootstrap_ratio_ci, check_record, code_revision, file_sha256, gain_ratio,  # noqa: F401
-                                   is_c2vkd, load_records, method_label, paired_difference, protocol_view,
-                                   record_path)
+                                   is_c2vkd, load_records, method_label, method_order, paired_difference,
+                                   protocol_view, record_path)
 from c2vkd.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -115,28 +117,64 @@ def run_variant(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     return rec
 
 
-def summarize_results(results_dir: str | Path, *, command: str | None = None) -> dict[str, Any]:
-    """Rebuild DIR/compare.json, compare.md and the plots from every record in DIR (no training)."""
+def load_summary(results_dir: str | Path, *, command: str | None = None
+                 ) -> tuple[dict[str, Any], dict[str, dict[int, dict[str, Any]]]]:
+    """(summary, records by method and seed) of every record in DIR, methods in table order; writes nothing.
+    ``summary["protocol"]`` is the records' ``protocol_name`` (None in records that predate it)."""
     rd = Path(results_dir)
     records = load_records(rd)
     if not records:
         raise ConfigError(f"{rd} holds no <method>/seed<k>.json records")
-    order = ["none"] + sorted(m for m in records if m != "none" and not is_c2vkd(m)) + sorted(
-        m for m in records if is_c2vkd(m))
-    results = {m: records[m] for m in order if m in records}
+    results = {m: records[m] for m in method_order(records)}
     first = next(iter(next(iter(results.values())).values()))
     teacher = json.loads((rd / "teacher.json").read_text()) if (rd / "teacher.json").is_file() else None
     summary = summarize(results, list(first.get("class_names") or []), teacher)
     revisions = sorted({(r.get("code") or {}).get("commit") or "unknown" for res in results.values() for r in res.values()})
     summary.update({"results_dir": str(rd), "command": command, "code_revisions": revisions,
                     "protocol": first.get("protocol_name"), "split": first.get("split")})
+    return summary, results
+
+
+def summarize_results(results_dir: str | Path, *, command: str | None = None) -> dict[str, Any]:
+    """Rebuild DIR/compare.json, compare.md and the plots from every record in DIR (no training)."""
+    rd = Path(results_dir)
+    summary, results = load_summary(rd, command=command)
     atomic_write_text(rd / "compare.json", json.dumps(summary, indent=1, default=_json_default))
-    summary["markdown"] = format_markdown(summary, title=f"c2vkd compare: {rd.name} ({first.get('split')})",
+    summary["markdown"] = format_markdown(summary, title=f"c2vkd compare: {rd.name} ({summary['split']})",
                                           command=command)
     atomic_write_text(rd / "compare.md", summary["markdown"])
     summary["plots"] = [str(p) for p in plot_compare(summary, {}, rd, records=results)]
     summary["out_dir"] = str(rd)
     return summary
+
+
+def protocol_names(summaries: Sequence[tuple[Path, dict[str, Any]]]) -> list[str]:
+    """Each (DIR, summary)'s column name: its records' protocol_name, else the folder's name; names that would
+    repeat (a pilot folder records under its protocol's name) fall back to the folder name, then to the path."""
+    names = [s.get("protocol") or d.name for d, s in summaries]
+    for fallback in (lambda d: d.name, str):
+        names = [fallback(d) if names.count(n) > 1 else n for n, (d, _) in zip(names, summaries)]
+    return names
+
+
+def compare_across(results_dirs: Sequence[str | Path], *, command: str | None = None) -> dict[str, Any]:
+    """``c2vkd compare --across DIR DIR ...``: every DIR's summary built from its records as ``--summarize``
+    builds it (nothing is written into the DIRs), set side by side per method (``across_protocols``); the
+    result has the markdown under "markdown"."""
+    dirs = [Path(d) for d in results_dirs]
+    if len(dirs) < 2:
+        raise ConfigError(f"--across sets protocols side by side, so it needs at least two results folders; got "
+                          f"{len(dirs)} ({', '.join(map(str, dirs)) or 'none'})")
+    seen = [d.resolve() for d in dirs]
+    twice = [str(d) for d, r in zip(dirs, seen) if seen.count(r) > 1]
+    if twice:
+        raise ConfigError(f"--across names the same results folder more than once: {', '.join(twice)}")
+    loaded = [(d, load_summary(d)[0]) for d in dirs]
+    across = across_protocols(dict(zip(protocol_names(loaded), (s for _, s in loaded))))
+    across["results_dirs"] = {n: str(d) for n, (d, _) in zip(across["protocols"], loaded)}
+    across["markdown"] = format_across_markdown(
+        across, title=f"c2vkd compare --across: {', '.join(across['protocols'])}", command=command)
+    return across
 
 
 def run_compare(config: str | Path, methods: Sequence[str], seeds: str | int = 1, *,

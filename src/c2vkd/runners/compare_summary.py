@@ -1,15 +1,18 @@
 """The summary of a comparison: the table (per-method mean / std mIoU, gain over ``none``, paired differences,
-the C2VKD gain ratio; the statistics are in ``results.py``), its markdown and the plots. ``compare.py`` runs
-the variants and calls these."""
+the C2VKD gain ratio; the statistics are in ``results.py``), its markdown and the plots; and several protocols'
+summaries side by side per method (:func:`across_protocols`: does the ranking hold across datasets?).
+``compare.py`` runs the variants and calls these."""
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
 
 from c2vkd.runners.results import (CONFIRM_SEEDS, RECONSTRUCTION_MARK, bootstrap_ratio_ci, display_label, gain_ratio,
-                                   is_ablation, is_c2vkd, is_reconstruction, paired_difference)
+                                   is_ablation, is_c2vkd, is_reconstruction, method_order, paired_difference)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -262,6 +265,206 @@ def format_markdown(summary: dict[str, Any], *, title: str, command: str | None 
     if summary.get("reconstructions"):
         lines += [f"`{RECONSTRUCTION_MARK}` marks a reconstruction: a method without official code, rebuilt from its "
                   "paper and third-party code; its preset header and docs/methods.md list every inferred choice.", ""]
+    return "\n".join(lines)
+
+
+def _tie_key(value: float) -> float:
+    # gains are differences of means of the same stored numbers: equal gains may differ in the last bits
+    return round(value, 12)
+
+
+def rank_by_value(values: dict[str, float]) -> dict[str, float]:
+    """{key: rank}, 1 = the largest value; tied values share the mean of the ranks they span (2.5 for a tie
+    at 2 and 3), the usual convention that makes Spearman's rho the Pearson correlation of ranks."""
+    order = sorted(values, key=lambda k: -_tie_key(values[k]))
+    ranks: dict[str, float] = {}
+    for _, group in itertools.groupby(enumerate(order), key=lambda ik: _tie_key(values[ik[1]])):
+        members = list(group)
+        mean_rank = (members[0][0] + members[-1][0]) / 2 + 1
+        ranks.update((k, mean_rank) for _, k in members)
+    return ranks
+
+
+def spearman_rho(x: dict[str, float], y: dict[str, float]) -> float | None:
+    """Spearman's rank correlation of two {key: value} maps on the keys both have (ties: mean ranks); None with
+    fewer than 2 common keys or when either side's common values all tie (the correlation is undefined)."""
+    keys = [k for k in x if k in y]
+    rx = rank_by_value({k: x[k] for k in keys})
+    ry = rank_by_value({k: y[k] for k in keys})
+    try:
+        return statistics.correlation([rx[k] for k in keys], [ry[k] for k in keys])
+    except statistics.StatisticsError:  # < 2 points or a constant side
+        return None
+
+
+def kendall_tau_b(x: dict[str, float], y: dict[str, float]) -> float | None:
+    """Kendall's tau-b of two {key: value} maps on the keys both have: (concordant - discordant pairs) /
+    sqrt((pairs - pairs tied in x) (pairs - pairs tied in y)); None where that denominator is 0."""
+    keys = [k for k in x if k in y]
+    concordant = discordant = tied_x = tied_y = 0
+    for a, b in itertools.combinations(keys, 2):
+        dx = _tie_key(x[a]) - _tie_key(x[b])
+        dy = _tie_key(y[a]) - _tie_key(y[b])
+        tied_x += dx == 0
+        tied_y += dy == 0
+        concordant += dx * dy > 0
+        discordant += dx * dy < 0
+    pairs = len(keys) * (len(keys) - 1) // 2
+    denom = math.sqrt((pairs - tied_x) * (pairs - tied_y))
+    return (concordant - discordant) / denom if denom else None
+
+
+def across_protocols(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Several protocols side by side per method (issue 27: does the ranking hold across datasets?).
+
+    summaries: {protocol name: summary as returned by :func:`summarize`}, in column order. Returns
+    {"protocols": [names],
+     "per_protocol": {name: {"top", "methods", "best_prior", "recommended", "best_c2vkd_on_val",
+                             "best_screen_on_val", "screened": {method: seeds}, "confirm_seeds", "split"}},
+     "methods": {method: {name: cell or None}}   (table order; None: the protocol has no record of it),
+     "most_seeds": the most seeds any confirmed method has in any protocol,
+     "pairs": [{"protocols": [a, b], "methods": [...], "n", "spearman", "kendall_tau_b"}] (every pair of protocols),
+     "top_same": bool, "common": {"methods": [...], "top": {name: method}}}.
+    A confirmed method's cell is {"seeds", "miou_mean", "paired_vs_none" (summarize's), "rank" (by mean test
+    mIoU among the protocol's confirmed methods, `none` included, 1 = best)}; a screen variant's is
+    {"screen": True, "seeds"}: summarize withheld its test numbers, so none are read here, and it takes part in
+    no rank or correlation. The correlations compare the methods' paired gains over `none` (the numbers the
+    table shows) on the methods that have one in both protocols (`none` and screen variants left out), so n
+    says how many methods a coefficient rests on."""
+    per: dict[str, dict[str, Any]] = {}
+    cells: dict[str, dict[str, Any]] = {}
+    gains: dict[str, dict[str, float]] = {}
+    for p, s in summaries.items():
+        methods = s["methods"]
+        means = {m: r["miou_mean"] for m, r in methods.items()}
+        ranks = rank_by_value(means)
+        screen = s.get("screen") or {}
+        rec = s.get("recommended") or {}
+        per[p] = {"top": max(means, key=means.get) if means else None, "methods": len(methods),
+                  "best_prior": s.get("best_prior"), "recommended": rec.get("method"),
+                  "best_c2vkd_on_val": rec.get("best_c2vkd_on_val"),
+                  "best_screen_on_val": rec.get("best_screen_on_val"),
+                  "screened": {m: r["seeds"] for m, r in screen.items()}, "confirm_seeds": s.get("confirm_seeds"),
+                  "split": s.get("split")}
+        for m, r in methods.items():
+            cells.setdefault(m, {})[p] = {"seeds": r["seeds"], "miou_mean": r["miou_mean"],
+                                          "paired_vs_none": r.get("paired_vs_none"), "rank": ranks[m]}
+        for m, r in screen.items():
+            cells.setdefault(m, {})[p] = {"screen": True, "seeds": r["seeds"]}
+        gains[p] = {m: r["paired_vs_none"]["mean"] for m, r in methods.items() if r.get("paired_vs_none")}
+    pairs = []
+    for a, b in itertools.combinations(summaries, 2):
+        common = [m for m in method_order(gains[a]) if m in gains[b]]
+        x, y = ({m: g[m] for m in common} for g in (gains[a], gains[b]))
+        pairs.append({"protocols": [a, b], "methods": common, "n": len(common), "spearman": spearman_rho(x, y),
+                      "kendall_tau_b": kendall_tau_b(x, y)})
+    tops = [per[p]["top"] for p in summaries]
+    everywhere = [m for m in method_order(cells) if all("rank" in (cells[m].get(p) or {}) for p in summaries)]
+    return {"protocols": list(summaries), "per_protocol": per,
+            "methods": {m: {p: cells[m].get(p) for p in summaries} for m in method_order(cells)},
+            # a cell with a rank is a confirmed method's (a screen variant's has none)
+            "most_seeds": max((c["seeds"] for by_p in cells.values() for c in by_p.values() if "rank" in c),
+                              default=0),
+            "pairs": pairs,
+            "top_same": len(summaries) > 1 and None not in tops and len(set(tops)) == 1,
+            "common": {"methods": everywhere,
+                       "top": {p: max(everywhere, key=lambda m: cells[m][p]["miou_mean"]) for p in summaries}
+                       if everywhere else {}}}
+
+
+def _count_text(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _across_cell(method: str, cell: dict[str, Any] | None, most_seeds: int) -> str:
+    """One protocol's "gain vs none [95% CI]" cell: "-" without a record, no test number for a screen variant,
+    the seed count where the method has fewer seeds than the best-covered one in the table."""
+    if cell is None:
+        return "-"
+    if cell.get("screen"):
+        return f"screened ({_count_text(cell['seeds'], 'seed')}, test withheld)"
+    pd = cell["paired_vs_none"]
+    if pd:
+        text = _paired_text(pd)
+        said = pd["ci95"] is None  # _paired_text already says "(1 seed)"
+    else:  # `none` itself, or a protocol without `none`: its mean mIoU is the reference point
+        text = f"{'reference, ' if method == 'none' else 'no none, '}{100 * cell['miou_mean']:.2f} mIoU"
+        said = False
+    return text + (f" ({_count_text(cell['seeds'], 'seed')})" if cell["seeds"] < most_seeds and not said else "")
+
+
+def _coefficient(v: float | None) -> str:
+    return "undefined" if v is None else f"{v:+.2f}"
+
+
+def format_across_markdown(across: dict[str, Any], *, title: str = "Protocols side by side",
+                           command: str | None = None) -> str:
+    """The markdown of :func:`across_protocols`: one row per method, per protocol a "gain vs none [95% CI]"
+    and a "rank" column; the rank correlations per pair of protocols; per protocol its best prior and the
+    method recommended on val; and whether the top method is the same in every protocol."""
+    lab = display_label
+    names = across["protocols"]
+    per = across["per_protocol"]
+    lines = [f"# {title}", ""]
+    if command:
+        lines += ["```", command, "```", ""]
+    lines += ["Per protocol: the test-mIoU difference to `none` paired by seed, in mIoU points [95% t interval] "
+              "(\"(noise)\": the interval holds 0), and the rank by mean test mIoU among the protocol's confirmed "
+              "methods, `none` included (1 = best; ties share the mean rank). `-`: no record of the method in that "
+              "protocol. A seed count is shown where a method has fewer seeds than the best-covered method in "
+              f"the table ({across['most_seeds']}).", "",
+              "| method | " + " | ".join(f"{p} gain vs none [95% CI] | {p} rank" for p in names) + " |",
+              "|---|" + "---|---:|" * len(names)]
+    for m, by_protocol in across["methods"].items():
+        row = []
+        for p in names:
+            cell = by_protocol[p]
+            rank = f"{cell['rank']:g}/{per[p]['methods']}" if cell and "rank" in cell else "-"
+            row += [_across_cell(m, cell, across["most_seeds"]), rank]
+        lines.append(f"| {lab(m)} | " + " | ".join(row) + " |")
+    lines.append("")
+    confirm = {per[p]["confirm_seeds"] for p in names if per[p]["screened"]}
+    if confirm:
+        lines += [f"Screened: an ablation preset with fewer than {'/'.join(map(str, sorted(confirm)))} seeds in a "
+                  "protocol is still being screened on val there: its test numbers are withheld (its val numbers "
+                  "are in that protocol's compare.md), and it takes no part in the ranks or the correlations.", ""]
+    lines += ["Does the ranking hold? Rank correlation of the methods' paired gains over `none`, on the methods "
+              "both protocols have a gain for (`none` and screen variants left out; n methods):", ""]
+    for pair in across["pairs"]:
+        a, b = pair["protocols"]
+        if pair["spearman"] is None:
+            why = " (needs at least 2 common methods)" if pair["n"] < 2 else " (the gains tie in one protocol)"
+        else:  # two methods are either in the same order or not: the coefficient says nothing more
+            why = " (with 2 methods always +1 or -1)" if pair["n"] == 2 else ""
+        lines.append(f"- {a} vs {b}: Spearman rho {_coefficient(pair['spearman'])}, Kendall tau-b "
+                     f"{_coefficient(pair['kendall_tau_b'])}, n = {pair['n']}{why}"
+                     + (f" ({', '.join(map(lab, pair['methods']))})" if pair["methods"] else "") + ".")
+    lines += ["", "Per protocol (the best prior by mean test mIoU; the recommendation chosen on val, as in each "
+              "protocol's compare.md):", ""]
+    for p in names:
+        q = per[p]
+        extra = "".join(f"; {what}: {lab(q[key])}" for what, key in (
+            ("best C2VKD-family preset on val", "best_c2vkd_on_val"), ("best screen variant on val",
+                                                                        "best_screen_on_val")) if q[key])
+        lines.append(f"- {p} ({_count_text(q['methods'], 'confirmed method')}, {q['split'] or 'unknown'} split): "
+                     f"best prior {lab(q['best_prior']) if q['best_prior'] else '-'}; recommended on val "
+                     f"{lab(q['recommended']) if q['recommended'] else '-'}{extra}.")
+    lines.append("")
+    tops = ", ".join(f"{lab(per[p]['top']) if per[p]['top'] else '-'} ({p})" for p in names)
+    if across["top_same"]:
+        lines.append("The top method by mean test mIoU is the same in every protocol: "
+                     f"**{lab(per[names[0]]['top'])}**.")
+    else:
+        lines.append(f"The top method by mean test mIoU is not the same in every protocol: {tops}.")
+    common = across["common"]
+    if len(common["methods"]) >= 2 and not across["top_same"]:
+        top = common["top"]
+        same = len(set(top.values())) == 1
+        lines.append(f"Among the {len(common['methods'])} methods every protocol has confirmed "
+                     f"({', '.join(map(lab, common['methods']))}), the top one is "
+                     + (f"the same in every protocol: **{lab(top[names[0]])}**." if same else
+                        "not the same: " + ", ".join(f"{lab(top[p])} ({p})" for p in names) + "."))
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ import re
 import statistics
 import subprocess
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from c2vkd.config import PACKAGE_CONFIGS, ConfigError
 
@@ -86,6 +86,14 @@ def display_label(method: str) -> str:
 
 def is_c2vkd(method: str) -> bool:
     return method_label(method).startswith("c2vkd")
+
+
+def method_order(methods: Iterable[str]) -> list[str]:
+    """The order tables list methods in: ``none`` (the reference), then the prior methods, then the C2VKD
+    family, each group alphabetical; every name once."""
+    names = set(methods)
+    return (["none"] if "none" in names else []) + sorted(m for m in names if m != "none" and not is_c2vkd(m)) + sorted(
+        m for m in names if is_c2vkd(m))
 
 
 # two-sided 95% Student-t quantiles t_{0.975, df}, df = 1..30 (standard table values); normal beyond
