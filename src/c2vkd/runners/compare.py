@@ -41,8 +41,8 @@ from c2vkd.config import ConfigError, dump_config, load_config
 from c2vkd.runners.compare_summary import (across_protocols, format_across_markdown, format_markdown, plot_compare,
                                            summarize)
 from c2vkd.runners.results import (bootstrap_ratio_ci, check_record, code_revision, file_sha256, gain_ratio,  # noqa: F401
-                                   is_c2vkd, load_records, method_label, method_order, paired_difference,
-                                   protocol_view, record_path)
+                                   load_records, method_label, method_order, paired_difference, protocol_view,
+                                   record_path)
 from c2vkd.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
