@@ -9,6 +9,8 @@
 #                  nothing: its record lands in $RESULTS/<method>/seed<k>.json for you to commit; CODE_DIR, when
 #                  given, replaces $CODE for this line (e.g. CIRKD's records come from the p2-cirkd worktree);
 #   "! COMMAND"    runs COMMAND with bash in the repository root (e.g. the demo-noise measurement).
+# A job being run is listed in QUEUE.running; a worker that starts puts back at the head of QUEUE the jobs of
+# workers that are gone (a restarted machine): restart the workers with the same environment and they resume.
 # WAIT_PID: start only after that process exits (to queue behind a run already going).
 #
 # Environment (defaults in brackets):
@@ -36,8 +38,35 @@ RESULTS=${RESULTS:-$REPO/benchmarks/results/camvid-p2}
 OUT=${OUT:-runs/p2}
 export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${THREADS:-1}
 if [ -n "${2:-}" ]; then while kill -0 "$2" 2>/dev/null; do sleep 15; done; fi
+# Every popped job is written to QUEUE.running as "WORKER_PID<TAB>JOB" until it ends. A job whose worker is gone
+# (the machine was restarted, the worker was killed) goes back to the head of the queue when any worker of this
+# queue starts, so a restart resumes it from its checkpoint instead of losing it.
+exec 9>>"$QUEUE.lock"
+RUNNING="$QUEUE.running"
+touch "$RUNNING"
+worker_alive() { [ -r "/proc/$1/cmdline" ] && tr '\0' ' ' < "/proc/$1/cmdline" | grep -q protocol_queue; }
+flock 9
+if [ -s "$RUNNING" ]; then
+  back=$(mktemp) && keep=$(mktemp)
+  while IFS=$'\t' read -r pid job; do
+    [ -n "$job" ] || continue
+    if worker_alive "$pid"; then
+      printf '%s\t%s\n' "$pid" "$job" >> "$keep"
+    else
+      printf '%s\n' "$job" >> "$back"
+      echo "$(date -u +%FT%TZ) requeued (its worker $pid is gone): $job"
+    fi
+  done < "$RUNNING"
+  cat "$back" "$QUEUE" > "$QUEUE.tmp" && mv "$QUEUE.tmp" "$QUEUE" && mv "$keep" "$RUNNING"
+  rm -f "$back" "$keep"
+fi
+flock -u 9
 while true; do
-  job=$(flock "$QUEUE.lock" bash -c "head -n 1 '$QUEUE'; sed -i 1d '$QUEUE'")
+  flock 9
+  job=$(head -n 1 "$QUEUE")
+  sed -i 1d "$QUEUE"
+  [ -n "$job" ] && printf '%s\t%s\n' "$$" "$job" >> "$RUNNING"
+  flock -u 9
   [ -z "$job" ] && break
   echo "$(date -u +%FT%TZ) start: $job"
   if [ "${job:0:1}" = "!" ]; then
@@ -51,4 +80,8 @@ while true; do
   fi
   rc=$?  # before the echo: its $(date) would replace $? with date's status
   echo "$(date -u +%FT%TZ) end (rc=$rc): $job"
+  flock 9
+  grep -vxF "$(printf '%s\t%s' "$$" "$job")" "$RUNNING" > "$RUNNING.tmp"
+  mv "$RUNNING.tmp" "$RUNNING"
+  flock -u 9
 done
