@@ -238,6 +238,24 @@ def test_exact_resume_restores_optimizer_state_values(data_root: Path, tmp_path:
                                safe_load(tmp_path / "resumed/checkpoints/iter_0000004.pt"))
 
 
+def test_a_resumed_run_returns_the_whole_runs_history(data_root: Path, tmp_path: Path) -> None:
+    """A run stopped after its mid checkpoint and resumed in the same folder returns the history of the whole run
+    (the records before the resume are read back from metrics.jsonl), equal to the straight run's: a compare
+    record's val curve used to hold only the points after a resume."""
+    cfg = make_cfg(data_root, tmp_path, "train.ckpt_interval=2", "schedule.iters=4", "train.val_interval=1",
+                   "experiment.deterministic=true", "eval.split=val")
+    straight = Trainer(cfg, run_dir=tmp_path / "straight").fit().history
+    Trainer(cfg, run_dir=tmp_path / "stopped").fit(max_steps=2, finalize=False)   # checkpoint at 2, then "killed"
+    resumed = Trainer(cfg, run_dir=tmp_path / "stopped", resume="auto")
+    assert resumed.iteration == 2
+    history = resumed.fit().history
+    val = lambda h: [(r["iter"], r["miou"]) for r in h if "val_split" in r]  # noqa: E731
+    assert [i for i, _ in val(straight)] == [1, 2, 3, 4] and val(history) == val(straight)
+    train = lambda h: [(r["iter"], r["loss"]) for r in h if "lr" in r]  # noqa: E731
+    assert [i for i, _ in train(history)] == [1, 2, 3, 4] and train(history) == train(straight)
+    assert all("run_id" not in r for r in history)
+
+
 def test_adamw_default_kernel_is_fused_and_matches_a_naive_update(data_root: Path, tmp_path: Path) -> None:
     """optim.impl=auto picks torch's fused AdamW on CPU; each step equals the textbook decoupled-decay update."""
     lr, wd, (b1, b2), eps, iters = 0.01, 0.05, (0.8, 0.95), 1e-8, 3

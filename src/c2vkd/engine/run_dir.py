@@ -191,6 +191,24 @@ def write_run_id(run_dir: Path, run_id: str) -> None:
     atomic_write_text(Path(run_dir) / RUN_FILE, json.dumps({"run_id": run_id}) + "\n")
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` as the run's history holds them (without the ``run_id`` each line
+    carries); lines cut by an interruption are skipped. [] without the file."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "iter" in rec:
+            rec.pop("run_id", None)
+            out.append(rec)
+    return out
+
+
 def truncate_metrics(path: Path, iteration: int, *, final_iter: int) -> int:
     """Keep the ``metrics.jsonl`` records a resume from ``iteration`` does not log again; returns how many
     were dropped. Dropped: records past ``iteration``, and when resuming at the end (``iteration ==

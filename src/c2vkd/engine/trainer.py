@@ -35,8 +35,8 @@ from c2vkd.engine.failures import (NonFiniteLossError, StopSignals, TrainingInte
                                    handle_non_finite, oom_message)
 from c2vkd.engine.loss_config import needs_teacher, validate_loss_args
 from c2vkd.engine.optim import build_optimizer, build_scheduler, distiller_param_groups, group_eps
-from c2vkd.engine.run_dir import (lock_run_dir, new_run_id, read_run_id, refuse_used, truncate_metrics,
-                                  unlock_run_dir, write_run_id)
+from c2vkd.engine.run_dir import (lock_run_dir, new_run_id, read_metrics, read_run_id, refuse_used,
+                                  truncate_metrics, unlock_run_dir, write_run_id)
 from c2vkd.engine.run_log import RunLog
 from c2vkd.engine.teacher_cache.store import CachedTeacherDataset, open_for_config
 from c2vkd.engine.runtime import (autocast_ctx, check_compile_mode, compiled, pick_device, restore_rng, rng_state,
@@ -222,6 +222,9 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
             if self.resumed:  # the steps after the checkpoint are logged again: no record twice
                 truncate_metrics(self.run_dir / "metrics.jsonl", self.iteration, final_iter=self.total_iters)
+                # and the records up to it are this run's history too: a resumed run's result (e.g. the val curve
+                # of its compare record) is the whole run's, not only what came after the resume
+                self.history = read_metrics(self.run_dir / "metrics.jsonl")
         accum = int(tr["accum_steps"])
         batch = int(d["batch_size"])
         if batch % self.world:
