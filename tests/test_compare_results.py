@@ -124,6 +124,20 @@ def test_interim_gain_ratio_uses_every_seed_a_preset_shares_with_none() -> None:
     assert "gain_ratio_partial" not in summarize(full, ["a"])
 
 
+def test_wall_time_leaves_out_resumed_runs() -> None:
+    """A resumed run's wall_s counts only the part after its resume: the mean wall time is over the other runs,
+    and '-' when every run of a method was resumed."""
+    from c2vkd.runners.compare_summary import format_markdown, summarize
+    results = {"none": {0: {**_record(0.30, 0.28), "wall_s": 100.0},
+                        1: {**_record(0.31, 0.29), "wall_s": 10.0, "resumed": True},
+                        2: {**_record(0.32, 0.30), "wall_s": 120.0, "resumed": False}},
+               "kd": {0: {**_record(0.33, 0.31), "wall_s": 5.0, "resumed": True}}}
+    s = summarize(results, ["a"])
+    assert s["methods"]["none"]["wall_s_mean"] == pytest.approx(110.0) and s["methods"]["kd"]["wall_s_mean"] is None
+    md = format_markdown(s, title="t")
+    assert md.splitlines()[4].endswith("| +29.00 | 110 s |") and md.splitlines()[5].endswith("| +31.00 | - |")
+
+
 def test_screen_variants_show_val_only_until_confirmed() -> None:
     """An ablation preset (configs/ablation/) with fewer than 3 seeds is screened on val: its test mIoU appears
     nowhere in the summary, it is paired with `none` on final val, and it is not what the summary recommends."""

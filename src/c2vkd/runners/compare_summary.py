@@ -33,6 +33,17 @@ def val_stats(record: dict[str, Any]) -> tuple[float | None, float | None]:
     return final, (final - before[-1]) if before else None
 
 
+def _wall_mean(per_seed: dict[int, dict[str, Any]]) -> float | None:
+    """Mean wall time of the runs that were not resumed (a resumed run's ``wall_s`` counts only the part after
+    its resume); None when every run was resumed."""
+    walls = [r["wall_s"] for r in per_seed.values() if not r.get("resumed")]
+    return statistics.fmean(walls) if walls else None
+
+
+def _wall_text(wall: float | None) -> str:
+    return "-" if wall is None else f"{wall:.0f} s"
+
+
 def _val_finals(per_seed: dict[int, dict[str, Any]]) -> dict[int, float]:
     finals = {int(s): val_stats(r)[0] for s, r in per_seed.items()}
     return {s: v for s, v in finals.items() if v is not None}
@@ -47,7 +58,7 @@ def _screen_entry(per_seed: dict[int, dict[str, Any]], none: dict[int, dict[str,
             "val_final_mean": statistics.fmean(finals.values()) if finals else None,
             "val_last_quarter_gain_mean": statistics.fmean(quarters) if quarters else None,
             "val_paired_vs_none": paired_difference(finals, _val_finals(none)) if none else None,
-            "wall_s_mean": statistics.fmean([r["wall_s"] for r in per_seed.values()])}
+            "wall_s_mean": _wall_mean(per_seed)}
 
 
 def summarize(results: dict[str, dict[int, dict[str, Any]]], class_names: list[str],
@@ -76,7 +87,7 @@ def summarize(results: dict[str, dict[int, dict[str, Any]]], class_names: list[s
                       "seeds": len(mious), "per_class_iou": per_class,
                       "val_final_mean": statistics.fmean(finals) if finals else None,
                       "val_last_quarter_gain_mean": statistics.fmean(quarters) if quarters else None,
-                      "wall_s_mean": statistics.fmean([r["wall_s"] for r in per_seed.values()])}
+                      "wall_s_mean": _wall_mean(per_seed)}
     summary: dict[str, Any] = {"methods": methods, "class_names": class_names, "teacher": teacher}
     if screen_runs:
         summary["screen"] = {m: _screen_entry(r, results.get("none")) for m, r in screen_runs.items()}
@@ -179,7 +190,7 @@ def format_markdown(summary: dict[str, Any], *, title: str, command: str | None 
         lines += [f"Teacher ({t['name']}, evaluated, not trained by this compare): "
                   f"mIoU {100 * t['miou']:.2f} on {t['split']}", ""]
     lines += ["| method | mIoU mean | std | seeds | gain vs none | paired diff vs none [95% CI] | per-seed | "
-              "val final | val last-quarter gain | wall time / run |",
+              "val final | val last-quarter gain | wall time / run (not resumed) |",
               "|---|---:|---:|---:|---:|---|---|---:|---:|---:|"]
     pct = lambda v, sign="": "" if v is None else f"{100 * v:{sign}.2f}"  # noqa: E731
     for m, r in summary["methods"].items():
@@ -189,7 +200,7 @@ def format_markdown(summary: dict[str, Any], *, title: str, command: str | None 
         lines.append(f"| {lab(m)} | {100 * r['miou_mean']:.2f} | {100 * r['miou_std']:.2f} | {r['seeds']} | "
                      f"{'' if gain is None else f'{100 * gain:+.2f}'} | {paired} | {per_seed} | "
                      f"{pct(r.get('val_final_mean'))} | {pct(r.get('val_last_quarter_gain_mean'), '+')} | "
-                     f"{r['wall_s_mean']:.0f} s |")
+                     f"{_wall_text(r['wall_s_mean'])} |")
     lines.append("")
     screen = summary.get("screen") or {}
     if screen:
@@ -197,11 +208,11 @@ def format_markdown(summary: dict[str, Any], *, title: str, command: str | None 
                   "val, so only their val numbers are shown; their test numbers are withheld until a variant is "
                   "confirmed with that many seeds.", "",
                   "| screen variant | seeds | val final | paired val diff vs none [95% CI] | val last-quarter gain | "
-                  "wall time / run |", "|---|---:|---:|---|---:|---:|"]
+                  "wall time / run (not resumed) |", "|---|---:|---:|---|---:|---:|"]
         for m, r in screen.items():
             lines.append(f"| {lab(m)} | {r['seeds']} | {pct(r['val_final_mean'])} | "
                          f"{_paired_text(r['val_paired_vs_none'])} | {pct(r['val_last_quarter_gain_mean'], '+')} | "
-                         f"{r['wall_s_mean']:.0f} s |")
+                         f"{_wall_text(r['wall_s_mean'])} |")
         lines.append("")
     rec = summary.get("recommended")
     if rec:
