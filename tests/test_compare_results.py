@@ -58,6 +58,14 @@ def test_val_stats_golden() -> None:
     assert val_stats({"val_curve": [[200, 0.3]]}) == (0.3, None)
     assert val_stats({}) == (None, None)
 
+    from c2vkd.runners.compare_summary import val_trend
+    # last half = iterations >= 1000: (1000, 0.22) (1250, 0.25) (1500, 0.26) (1750, 0.25) (2000, 0.24); x mean 1500,
+    # y mean 0.244, Sxy = -500*-0.024 + -250*0.006 + 0 + 250*0.006 + 500*-0.004 = 10, Sxx = 625000:
+    # slope 1.6e-5 per iteration, x 500 iterations per quarter = +0.008
+    assert val_trend({"val_curve": curve}) == pytest.approx(0.008)
+    assert val_trend({"val_curve": [[i, 0.1 + 0.001 * i] for i in range(100, 1001, 100)]}) == pytest.approx(0.25)
+    assert val_trend({"val_curve": [[100, 0.2], [200, 0.3]]}) is None and val_trend({}) is None
+
 
 def _record(miou: float, val_final: float, val_start: float = 0.0) -> dict:
     return {"miou": miou, "iou": [miou], "wall_s": 1.0, "val_curve": [[3, val_start], [4, val_final]]}
@@ -87,7 +95,7 @@ def test_summary_pairs_the_gain_ratio_and_recommends_on_val() -> None:
     assert s["methods"]["c2vkd-balanced"]["paired_vs_best_prior"]["mean"] == pytest.approx(0.03)
     assert "paired_vs_best_prior" not in s["methods"]["kd"]
     assert "- c2vkd-balanced - kd: +3.00 (1 seed)" in md
-    assert "| c2vkd | 33.00 | 0.00 | 1 | +0.00 | +3.00 (1 seed) | 33.00 | 31.00 | +1.00 | 1 s |" in md
+    assert "| c2vkd | 33.00 | 0.00 | 1 | +0.00 | +3.00 (1 seed) | 33.00 | 31.00 | +1.00 |  | 1 s |" in md
     assert "Gain ratio c2vkd-balanced / best prior: 2.50 (> 2: claim holds here)." in md
     # interim view: c2vkd has only seed 0 with none, so it equals the main ratio; nothing is left out
     assert s["gain_ratio_partial"]["c2vkd"] == {**s["gain_ratio_partial"]["c2vkd"], "seeds": [0], "priors": ["kd"],
@@ -135,7 +143,7 @@ def test_wall_time_leaves_out_resumed_runs() -> None:
     s = summarize(results, ["a"])
     assert s["methods"]["none"]["wall_s_mean"] == pytest.approx(110.0) and s["methods"]["kd"]["wall_s_mean"] is None
     md = format_markdown(s, title="t")
-    assert md.splitlines()[4].endswith("| +29.00 | 110 s |") and md.splitlines()[5].endswith("| +31.00 | - |")
+    assert md.splitlines()[4].endswith("| +29.00 |  | 110 s |") and md.splitlines()[5].endswith("| +31.00 |  | - |")
 
 
 def test_screen_variants_show_val_only_until_confirmed() -> None:
@@ -164,7 +172,7 @@ def test_screen_variants_show_val_only_until_confirmed() -> None:
     assert s["recommended"]["best_c2vkd_on_val"] is None and abl not in s.get("gain_ratio", {})
     md = format_markdown(s, title="t")
     assert "98.76" not in md and "0.9876" not in json.dumps(s)
-    assert f"| {abl} | 2 | 31.50 | +5.00 [{100 * (0.05 - half):+.2f}, {100 * (0.05 + half):+.2f}] (noise) | +2.50 | 1 s |" in md
+    assert f"| {abl} | 2 | 31.50 | +5.00 [{100 * (0.05 - half):+.2f}, {100 * (0.05 + half):+.2f}] (noise) | +2.50 |  | 1 s |" in md
     assert "among all methods but the screen variants): **cwd**" in md and f"best screen variant on val: {abl}." in md
     # the third seed confirms it: it becomes an ordinary row, with its test numbers, paired against the best prior
     results[abl][2] = _record(0.9876, 0.30)

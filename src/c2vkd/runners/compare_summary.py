@@ -33,6 +33,28 @@ def val_stats(record: dict[str, Any]) -> tuple[float | None, float | None]:
     return final, (final - before[-1]) if before else None
 
 
+def val_trend(record: dict[str, Any]) -> float | None:
+    """The least-squares slope of one record's val curve over the last half of training (evaluations at or after
+    50% of the last evaluated iteration), in mIoU per quarter of that schedule; None with fewer than 3 such points.
+    A steadier plateau reading than the last-quarter gain, which is the difference of two single evaluations that
+    each move 1-4 mIoU (benchmarks/protocol.md)."""
+    curve = sorted((int(i), float(v)) for i, v in record.get("val_curve") or [])
+    if not curve:
+        return None
+    last_it = curve[-1][0]
+    pts = [(i, v) for i, v in curve if i >= 0.5 * last_it]
+    if len(pts) < 3:
+        return None
+    mx, my = statistics.fmean(i for i, _ in pts), statistics.fmean(v for _, v in pts)
+    sxx = sum((i - mx) ** 2 for i, _ in pts)
+    return sum((i - mx) * (v - my) for i, v in pts) / sxx * 0.25 * last_it
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return statistics.fmean(kept) if kept else None
+
+
 def _wall_mean(per_seed: dict[int, dict[str, Any]]) -> float | None:
     """Mean wall time of the runs that were not resumed (a resumed run's ``wall_s`` counts only the part after
     its resume); None when every run was resumed."""
@@ -57,6 +79,7 @@ def _screen_entry(per_seed: dict[int, dict[str, Any]], none: dict[int, dict[str,
     return {"seeds": len(per_seed), "val_final_per_seed": {str(s): v for s, v in finals.items()},
             "val_final_mean": statistics.fmean(finals.values()) if finals else None,
             "val_last_quarter_gain_mean": statistics.fmean(quarters) if quarters else None,
+            "val_trend_mean": _mean_or_none([val_trend(r) for r in per_seed.values()]),
             "val_paired_vs_none": paired_difference(finals, _val_finals(none)) if none else None,
             "wall_s_mean": _wall_mean(per_seed)}
 
@@ -87,6 +110,7 @@ def summarize(results: dict[str, dict[int, dict[str, Any]]], class_names: list[s
                       "seeds": len(mious), "per_class_iou": per_class,
                       "val_final_mean": statistics.fmean(finals) if finals else None,
                       "val_last_quarter_gain_mean": statistics.fmean(quarters) if quarters else None,
+                      "val_trend_mean": _mean_or_none([val_trend(r) for r in per_seed.values()]),
                       "wall_s_mean": _wall_mean(per_seed)}
     summary: dict[str, Any] = {"methods": methods, "class_names": class_names, "teacher": teacher}
     if screen_runs:
@@ -190,8 +214,8 @@ def format_markdown(summary: dict[str, Any], *, title: str, command: str | None 
         lines += [f"Teacher ({t['name']}, evaluated, not trained by this compare): "
                   f"mIoU {100 * t['miou']:.2f} on {t['split']}", ""]
     lines += ["| method | mIoU mean | std | seeds | gain vs none | paired diff vs none [95% CI] | per-seed | "
-              "val final | val last-quarter gain | wall time / run (not resumed) |",
-              "|---|---:|---:|---:|---:|---|---|---:|---:|---:|"]
+              "val final | val last-quarter gain | val trend, last half (per quarter) | wall time / run (not resumed) |",
+              "|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|"]
     pct = lambda v, sign="": "" if v is None else f"{100 * v:{sign}.2f}"  # noqa: E731
     for m, r in summary["methods"].items():
         gain = r.get("gain")
@@ -200,7 +224,7 @@ def format_markdown(summary: dict[str, Any], *, title: str, command: str | None 
         lines.append(f"| {lab(m)} | {100 * r['miou_mean']:.2f} | {100 * r['miou_std']:.2f} | {r['seeds']} | "
                      f"{'' if gain is None else f'{100 * gain:+.2f}'} | {paired} | {per_seed} | "
                      f"{pct(r.get('val_final_mean'))} | {pct(r.get('val_last_quarter_gain_mean'), '+')} | "
-                     f"{_wall_text(r['wall_s_mean'])} |")
+                     f"{pct(r.get('val_trend_mean'), '+')} | {_wall_text(r['wall_s_mean'])} |")
     lines.append("")
     screen = summary.get("screen") or {}
     if screen:
@@ -208,11 +232,11 @@ def format_markdown(summary: dict[str, Any], *, title: str, command: str | None 
                   "val, so only their val numbers are shown; their test numbers are withheld until a variant is "
                   "confirmed with that many seeds.", "",
                   "| screen variant | seeds | val final | paired val diff vs none [95% CI] | val last-quarter gain | "
-                  "wall time / run (not resumed) |", "|---|---:|---:|---|---:|---:|"]
+                  "val trend, last half (per quarter) | wall time / run (not resumed) |", "|---|---:|---:|---|---:|---:|---:|"]
         for m, r in screen.items():
             lines.append(f"| {lab(m)} | {r['seeds']} | {pct(r['val_final_mean'])} | "
                          f"{_paired_text(r['val_paired_vs_none'])} | {pct(r['val_last_quarter_gain_mean'], '+')} | "
-                         f"{_wall_text(r['wall_s_mean'])} |")
+                         f"{pct(r.get('val_trend_mean'), '+')} | {_wall_text(r['wall_s_mean'])} |")
         lines.append("")
     rec = summary.get("recommended")
     if rec:
@@ -222,7 +246,9 @@ def format_markdown(summary: dict[str, Any], *, title: str, command: str | None 
                   + (f"; best screen variant on val: {rec['best_screen_on_val']}" if rec.get("best_screen_on_val")
                      else "")
                   + ". Val final / last-quarter gain: the last validation mIoU and its change over the last quarter "
-                  "of training (near 0: the student is near its plateau).", ""]
+                  "of training (near 0: the student is near its plateau); val trend: the least-squares slope of the "
+                  "val curve over the last half of training, in mIoU per quarter (the steadier plateau reading: "
+                  "single evaluations move by 1-4 mIoU).", ""]
     if "best_prior" in summary:
         best = summary["best_prior"]
         lines.append(f"Best prior KD method: **{lab(best)}** "
