@@ -26,8 +26,10 @@ log = logging.getLogger(__name__)
 
 NOISE_FILE = Path(__file__).resolve().parents[1] / "assets" / "demo_noise.json"
 PROTOCOL_RESULTS = "benchmarks/results/camvid-p2/compare.md"
-#: The C2VKD preset the demo trains (configs/methods/<name>.yaml): the one the protocol recommends (chosen on
-#: val; benchmarks/results/camvid-p2/compare.md says which). benchmarks/demo_noise.py measures its noise.
+#: The C2VKD preset the demo trains (configs/methods/<name>.yaml): the best C2VKD-family preset on val in
+#: benchmarks/results/camvid-p2/compare.md. The method that summary recommends overall is CWD (README, "Which method
+#: should you run?"); the demo stays on C2VKD until issue 26 settles the defaults on both protocols.
+#: benchmarks/demo_noise.py measures its noise.
 DEMO_METHOD = "c2vkd-balanced"
 
 
