@@ -65,6 +65,7 @@ def test_val_stats_golden() -> None:
     assert val_trend({"val_curve": curve}) == pytest.approx(0.008)
     assert val_trend({"val_curve": [[i, 0.1 + 0.001 * i] for i in range(100, 1001, 100)]}) == pytest.approx(0.25)
     assert val_trend({"val_curve": [[100, 0.2], [200, 0.3]]}) is None and val_trend({}) is None
+    assert val_trend({"val_curve": [[0, 0.2], [0, 0.3], [0, 0.1]]}) is None   # no spread of iterations: no slope
 
 
 def _record(miou: float, val_final: float, val_start: float = 0.0) -> dict:

@@ -246,6 +246,8 @@ def test_a_resumed_run_returns_the_whole_runs_history(data_root: Path, tmp_path:
                    "experiment.deterministic=true", "eval.split=val")
     straight = Trainer(cfg, run_dir=tmp_path / "straight").fit().history
     Trainer(cfg, run_dir=tmp_path / "stopped").fit(max_steps=2, finalize=False)   # checkpoint at 2, then "killed"
+    with open(tmp_path / "stopped/metrics.jsonl", "a") as f:  # another run's line (a folder reused): not ours
+        f.write(json.dumps({"iter": 1, "val_split": "val", "miou": 0.99, "run_id": "someone-else"}) + "\n")
     resumed = Trainer(cfg, run_dir=tmp_path / "stopped", resume="auto")
     assert resumed.iteration == 2
     history = resumed.fit().history

@@ -191,9 +191,10 @@ def write_run_id(run_dir: Path, run_id: str) -> None:
     atomic_write_text(Path(run_dir) / RUN_FILE, json.dumps({"run_id": run_id}) + "\n")
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
+def read_metrics(path: Path, run_id: str | None = None) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl`` as the run's history holds them (without the ``run_id`` each line
-    carries); lines cut by an interruption are skipped. [] without the file."""
+    carries); lines cut by an interruption are skipped. [] without the file. With ``run_id``, only that run's
+    records (and lines without an id): a folder resumed with an explicit checkpoint may hold another run's lines."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -204,6 +205,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         except ValueError:
             continue
         if isinstance(rec, dict) and "iter" in rec:
+            if run_id is not None and rec.pop("run_id", run_id) != run_id:
+                continue
             rec.pop("run_id", None)
             out.append(rec)
     return out

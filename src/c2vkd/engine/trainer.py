@@ -224,7 +224,7 @@ class Trainer:
                 truncate_metrics(self.run_dir / "metrics.jsonl", self.iteration, final_iter=self.total_iters)
                 # and the records up to it are this run's history too: a resumed run's result (e.g. the val curve
                 # of its compare record) is the whole run's, not only what came after the resume
-                self.history = read_metrics(self.run_dir / "metrics.jsonl")
+                self.history = read_metrics(self.run_dir / "metrics.jsonl", run_id=self.run_id)
         accum = int(tr["accum_steps"])
         batch = int(d["batch_size"])
         if batch % self.world:

@@ -43,6 +43,7 @@ from c2vkd.runners.compare_summary import (across_protocols, format_across_markd
 from c2vkd.runners.results import (bootstrap_ratio_ci, check_record, code_revision, file_sha256, gain_ratio,  # noqa: F401
                                    load_records, method_label, method_order, paired_difference, protocol_view,
                                    record_path)
+from c2vkd.utils import dist
 from c2vkd.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -104,13 +105,14 @@ def run_variant(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     # rerun = resume: an interrupted variant's folder (even one that died before its first checkpoint)
     resume = "auto" if run_dir.is_dir() and any(run_dir.iterdir()) else None
     trainer = Trainer(cfg, run_dir=run_dir, resume=resume)
+    started_at = trainer.iteration  # > 0: a checkpoint was loaded (a folder with none restarts from scratch)
     result = trainer.fit()
     fm = result.final_metrics or {}
     rec = {"miou": fm.get("miou"), "iou": fm.get("iou"), "split": fm.get("split"),
            "acc": fm.get("acc"), "macc": fm.get("macc"),
            "best_val_miou": result.best_miou, "iters": trainer.total_iters,
            "val_curve": [[h["iter"], h["miou"]] for h in result.history if "val_split" in h],
-           "wall_s": time.perf_counter() - t0, "resumed": resume is not None,
+           "wall_s": time.perf_counter() - t0, "resumed": started_at > 0,
            "params": sum(p.numel() for p in trainer.student.parameters())}
     if trainer.main:
         atomic_write_text(done, json.dumps(rec, indent=1))
@@ -221,6 +223,8 @@ def run_compare(config: str | Path, methods: Sequence[str], seeds: str | int = 1
     title = f"c2vkd compare: {base['experiment']['name']} ({split})"
 
     def write_summary(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
+        if not dist.is_main():  # under torchrun only rank 0 writes (the other ranks' histories start at a resume)
+            return {}
         if rdir:
             return summarize_results(rdir, command=command)
         summary = summarize({m: r for m, r in results.items() if r}, class_names, teacher)
@@ -250,7 +254,7 @@ def run_compare(config: str | Path, methods: Sequence[str], seeds: str | int = 1
             state = "done, skipping" if (run_dir / RESULT_FILE).is_file() else "training"
             log.info("compare [%d/%d] %s seed %d: %s (%s)", k, total, m, s, state, run_dir)
             results[m][s] = run_variant(plan[m][s], run_dir)
-            if rp is not None:
+            if rp is not None and dist.is_main():
                 cfg = plan[m][s]
                 rec = {"method": method_label(m), "seed": s, **results[m][s], "class_names": class_names,
                        "protocol_name": rdir.name, "protocol": protocol_view(cfg), "config": json.loads(
@@ -261,7 +265,7 @@ def run_compare(config: str | Path, methods: Sequence[str], seeds: str | int = 1
                 atomic_write_text(rp, json.dumps(rec, indent=1, default=_json_default))
             write_summary(results)
     summary = write_summary(results)
-    if not rdir:
+    if not rdir and dist.is_main():
         summary["plots"] = [str(p) for p in plot_compare(summary, dirs, out)]
         summary["out_dir"] = str(out)
     return summary

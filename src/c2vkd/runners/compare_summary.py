@@ -47,6 +47,8 @@ def val_trend(record: dict[str, Any]) -> float | None:
         return None
     mx, my = statistics.fmean(i for i, _ in pts), statistics.fmean(v for _, v in pts)
     sxx = sum((i - mx) ** 2 for i, _ in pts)
+    if not sxx:  # every point at one iteration: no slope
+        return None
     return sum((i - mx) * (v - my) for i, v in pts) / sxx * 0.25 * last_it
 
 
@@ -90,8 +92,8 @@ def summarize(results: dict[str, dict[int, dict[str, Any]]], class_names: list[s
     ratio (method.md section 5) with its bootstrap interval over seeds.
 
     An ablation variant with fewer than ``confirm_seeds`` seeds is a screen variant (results.is_ablation): it
-    goes to ``summary["screen"]`` with its val numbers only, and takes part in the recommendation (made on val)
-    but in nothing read from test."""
+    goes to ``summary["screen"]`` with its val numbers only and takes part in nothing read from test; the
+    recommendation is made on val among the other methods, and the best screen variant on val is named beside it."""
     screen_runs = {m: r for m, r in results.items() if r and is_ablation(m) and len(r) < confirm_seeds}
     results = {m: r for m, r in results.items() if m not in screen_runs}
     methods: dict[str, Any] = {}
