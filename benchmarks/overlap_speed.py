@@ -39,12 +39,12 @@ def read_iters(log: Path) -> list[tuple[int, int]]:
 
 
 def seconds_per_iter(rows: list[tuple[int, int]], start: int, end: int, val_interval: int) -> list[float]:
-    """Per-interval seconds per iteration of the logging intervals inside [start, end] with no validation in them
-    (a validation runs after iteration k * val_interval, so an interval that reaches past such an iteration holds
-    one)."""
+    """Per-interval seconds per iteration of the logging intervals inside [start, end] with no validation in them.
+    A validation (and a checkpoint) runs right after the log line of iteration k * val_interval, so the interval
+    (i0, i1] holds one when some multiple m of val_interval has i0 <= m < i1."""
     out = []
     for (t0, i0), (t1, i1) in zip(rows, rows[1:]):
-        if t0 >= start and t1 <= end and i1 > i0 and i0 // val_interval == (i1 - 1) // val_interval:
+        if t0 >= start and t1 <= end and i1 > i0 and (i0 - 1) // val_interval == (i1 - 1) // val_interval:
             out.append((t1 - t0) / (i1 - i0))
     return out
 

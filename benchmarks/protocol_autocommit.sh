@@ -22,6 +22,7 @@ while true; do
   if [ -n "$new" ]; then
     sleep 45
     new=$(git status --porcelain -uall -- "$R" | grep 'seed[0-9]*\.json' | awk '{print $2}')
+    [ -n "$new" ] || continue   # committed meanwhile by someone else: nothing to do (no empty commit)
     if [ -n "${OUT:-}" ]; then
       for f in $new; do
         if grep -q '"resumed": true' "$f"; then

@@ -38,13 +38,17 @@ RESULTS=${RESULTS:-$REPO/benchmarks/results/camvid-p2}
 OUT=${OUT:-runs/p2}
 export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${THREADS:-1}
 if [ -n "${2:-}" ]; then while kill -0 "$2" 2>/dev/null; do sleep 15; done; fi
-# Every popped job is written to QUEUE.running as "WORKER_PID<TAB>JOB" until it ends. A job whose worker is gone
-# (the machine was restarted, the worker was killed) goes back to the head of the queue when any worker of this
-# queue starts, so a restart resumes it from its checkpoint instead of losing it.
+# Every popped job is written to QUEUE.running as "WORKER_PID:START_TICKS<TAB>JOB" until it ends. A job whose worker
+# is gone (the machine was restarted, the worker was killed) goes back to the head of the queue when any worker of
+# this queue starts, so a restart resumes it from its checkpoint instead of losing it. The start time (field 22 of
+# /proc/PID/stat) tells a worker from a later process that got the same PID after a restart.
 exec 9>>"$QUEUE.lock"
 RUNNING="$QUEUE.running"
 touch "$RUNNING"
-worker_alive() { [ -r "/proc/$1/cmdline" ] && tr '\0' ' ' < "/proc/$1/cmdline" | grep -q protocol_queue; }
+start_ticks() { awk '{print $22}' "/proc/$1/stat" 2>/dev/null; }
+ME="$$:$(start_ticks $$)"
+worker_alive() { local pid=${1%%:*} ticks=${1#*:}
+  [ "$pid" != "$$" ] && [ -n "$ticks" ] && [ "$(start_ticks "$pid")" = "$ticks" ]; }
 flock 9
 if [ -s "$RUNNING" ]; then
   back=$(mktemp) && keep=$(mktemp)
@@ -65,7 +69,7 @@ while true; do
   flock 9
   job=$(head -n 1 "$QUEUE")
   sed -i 1d "$QUEUE"
-  [ -n "$job" ] && printf '%s\t%s\n' "$$" "$job" >> "$RUNNING"
+  [ -n "$job" ] && printf '%s\t%s\n' "$ME" "$job" >> "$RUNNING"
   flock -u 9
   [ -z "$job" ] && break
   echo "$(date -u +%FT%TZ) start: $job"
@@ -80,8 +84,12 @@ while true; do
   fi
   rc=$?  # before the echo: its $(date) would replace $? with date's status
   echo "$(date -u +%FT%TZ) end (rc=$rc): $job"
+  # The compare above (a pinned worktree's code) rewrote the summary; rebuild it with this tree's code, whose
+  # summary withholds the screen variants' test numbers (a pinned commit before e621b7a shows them).
+  [ "${job:0:1}" = "!" ] || (cd "$REPO" && OMP_NUM_THREADS=1 PYTHONPATH="$REPO/src" "$PY" -m c2vkd compare \
+    --summarize "$RESULTS" > /dev/null 2>&1)
   flock 9
-  grep -vxF "$(printf '%s\t%s' "$$" "$job")" "$RUNNING" > "$RUNNING.tmp"
+  grep -vxF "$(printf '%s\t%s' "$ME" "$job")" "$RUNNING" > "$RUNNING.tmp"
   mv "$RUNNING.tmp" "$RUNNING"
   flock -u 9
 done
