@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+from c2vkd.utils.io import atomic_write_text
+
 
 def file_curve(metrics: Path) -> tuple[list[list[float]], set[str]]:
     """([[iteration, val mIoU], ...] sorted, the last record per iteration; the run ids seen) of a metrics.jsonl."""
@@ -45,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     if not rec.get("resumed"):
         print(f"{args.record}: not a resumed run; nothing to repair", file=sys.stderr)
         return 2
-    curve, run_ids = file_curve(args.run_dir / "metrics.jsonl")
+    metrics = args.run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        print(f"{metrics}: no such file (is {args.run_dir} the run folder of {args.record}?)", file=sys.stderr)
+        return 2
+    curve, run_ids = file_curve(metrics)
     if len(run_ids) > 1:
         print(f"{args.run_dir}/metrics.jsonl holds several runs {sorted(run_ids)}: refusing", file=sys.stderr)
         return 2
@@ -62,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     rec["val_curve_repaired"] = (f"written after a resume, the record held only the {len(old)} val points after it "
                                  f"(trainer bug fixed in {args.fixed_in}); the whole curve ({len(curve)} points) "
                                  f"read back from the run's metrics.jsonl by benchmarks/repair_val_curve.py")
-    args.record.write_text(json.dumps(rec, indent=1))
+    atomic_write_text(args.record, json.dumps(rec, indent=1))  # a record is committed: never half-written
     print(f"{args.record}: val curve {len(old)} -> {len(curve)} points (first iteration {curve[0][0]})")
     return 0
 

@@ -155,6 +155,9 @@ def test_screen_variants_show_val_only_until_confirmed() -> None:
     abl = "c2vkd-abl-cwd-feat"
     assert is_ablation(abl) and not is_ablation("cwd") and not is_ablation("no-such-preset")
     assert is_ablation("x/ablation/my.yaml") and not is_ablation("x/methods/my.yaml")
+    # a user's own ablation preset is known by the command its record was made with
+    assert is_ablation("my-variant", [{"command": "c2vkd compare r.yaml --methods x/ablation/my-variant.yaml"}])
+    assert not is_ablation("my-variant", [{"command": "c2vkd compare r.yaml --methods x/methods/my-variant.yaml"}])
     results = {"none": {0: _record(0.30, 0.26), 1: _record(0.31, 0.27)},
                "cwd": {0: _record(0.34, 0.31), 1: _record(0.35, 0.30)},
                abl: {0: _record(0.9876, 0.33, val_start=0.29), 1: _record(0.9876, 0.30, val_start=0.29)}}

@@ -73,17 +73,23 @@ def _val_finals(per_seed: dict[int, dict[str, Any]]) -> dict[int, float]:
     return {s: v for s, v in finals.items() if v is not None}
 
 
-def _screen_entry(per_seed: dict[int, dict[str, Any]], none: dict[int, dict[str, Any]] | None) -> dict[str, Any]:
-    """A screen variant's val-only view: final val mIoU per seed and mean, its last-quarter gain, and its final val
-    paired by seed with `none`'s. No test number is read."""
-    finals = _val_finals(per_seed)
-    quarters = [q for _, q in map(val_stats, per_seed.values()) if q is not None]
-    return {"seeds": len(per_seed), "val_final_per_seed": {str(s): v for s, v in finals.items()},
-            "val_final_mean": statistics.fmean(finals.values()) if finals else None,
-            "val_last_quarter_gain_mean": statistics.fmean(quarters) if quarters else None,
+def _val_columns(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """The val-curve columns of a method's row (means over its seeds) and its wall time: what a screen variant
+    and a confirmed method both show."""
+    vals = [val_stats(r) for r in per_seed.values()]
+    return {"val_final_mean": _mean_or_none([f for f, _ in vals]),
+            "val_last_quarter_gain_mean": _mean_or_none([q for _, q in vals]),
             "val_trend_mean": _mean_or_none([val_trend(r) for r in per_seed.values()]),
-            "val_paired_vs_none": paired_difference(finals, _val_finals(none)) if none else None,
             "wall_s_mean": _wall_mean(per_seed)}
+
+
+def _screen_entry(per_seed: dict[int, dict[str, Any]], none: dict[int, dict[str, Any]] | None) -> dict[str, Any]:
+    """A screen variant's val-only view: final val mIoU per seed and mean, its last-quarter gain and trend, and its
+    final val paired by seed with `none`'s. No test number is read."""
+    finals = _val_finals(per_seed)
+    return {"seeds": len(per_seed), "val_final_per_seed": {str(s): v for s, v in finals.items()},
+            **_val_columns(per_seed),
+            "val_paired_vs_none": paired_difference(finals, _val_finals(none)) if none else None}
 
 
 def summarize(results: dict[str, dict[int, dict[str, Any]]], class_names: list[str],
@@ -94,7 +100,8 @@ def summarize(results: dict[str, dict[int, dict[str, Any]]], class_names: list[s
     An ablation variant with fewer than ``confirm_seeds`` seeds is a screen variant (results.is_ablation): it
     goes to ``summary["screen"]`` with its val numbers only and takes part in nothing read from test; the
     recommendation is made on val among the other methods, and the best screen variant on val is named beside it."""
-    screen_runs = {m: r for m, r in results.items() if r and is_ablation(m) and len(r) < confirm_seeds}
+    screen_runs = {m: r for m, r in results.items()
+                   if r and is_ablation(m, list(r.values())) and len(r) < confirm_seeds}
     results = {m: r for m, r in results.items() if m not in screen_runs}
     methods: dict[str, Any] = {}
     for m, per_seed in results.items():
@@ -105,15 +112,8 @@ def summarize(results: dict[str, dict[int, dict[str, Any]]], class_names: list[s
         ious = [r["iou"] for r in per_seed.values() if r.get("iou")]
         per_class = [statistics.fmean([v for v in col if v is not None]) if any(v is not None for v in col) else None
                      for col in zip(*ious)] if ious else []
-        vals = [val_stats(r) for r in per_seed.values()]
-        finals = [f for f, _ in vals if f is not None]
-        quarters = [q for _, q in vals if q is not None]
         methods[m] = {"miou_mean": mean, "miou_std": std, "miou_per_seed": {str(s): r["miou"] for s, r in per_seed.items()},
-                      "seeds": len(mious), "per_class_iou": per_class,
-                      "val_final_mean": statistics.fmean(finals) if finals else None,
-                      "val_last_quarter_gain_mean": statistics.fmean(quarters) if quarters else None,
-                      "val_trend_mean": _mean_or_none([val_trend(r) for r in per_seed.values()]),
-                      "wall_s_mean": _wall_mean(per_seed)}
+                      "seeds": len(mious), "per_class_iou": per_class, **_val_columns(per_seed)}
     summary: dict[str, Any] = {"methods": methods, "class_names": class_names, "teacher": teacher}
     if screen_runs:
         summary["screen"] = {m: _screen_entry(r, results.get("none")) for m, r in screen_runs.items()}

@@ -69,12 +69,15 @@ def is_reconstruction(method: str) -> bool:
 CONFIRM_SEEDS = 3
 
 
-def is_ablation(method: str) -> bool:
-    """Whether ``method`` names a packaged ablation preset (records name it by its label) or is a preset path in
-    a folder named ``ablation``."""
+def is_ablation(method: str, records: Sequence[dict[str, Any]] = ()) -> bool:
+    """Whether ``method`` names a packaged ablation preset (records name it by its label), is a preset path in a
+    folder named ``ablation``, or has a record whose command ran it from such a folder (a user's own ablation
+    preset, or a packaged one renamed since)."""
     if method.endswith((".yaml", ".yml")):
         return Path(method).parent.name == "ablation"
-    return (PACKAGE_CONFIGS / "ablation" / f"{method}.yaml").is_file()
+    if (PACKAGE_CONFIGS / "ablation" / f"{method}.yaml").is_file():
+        return True
+    return any(f"ablation/{method}.y" in (r.get("command") or "") for r in records)
 
 
 def display_label(method: str) -> str:
