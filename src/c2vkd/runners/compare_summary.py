@@ -5,12 +5,12 @@ summaries side by side per method (:func:`across_protocols`: does the ranking ho
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import statistics
 from pathlib import Path
 from typing import Any
 
+from c2vkd.engine.run_dir import read_metrics
 from c2vkd.runners.results import (CONFIRM_SEEDS, RECONSTRUCTION_MARK, bootstrap_ratio_ci, display_label, gain_ratio,
                                    is_ablation, is_c2vkd, is_reconstruction, method_order, paired_difference)
 
@@ -508,19 +508,9 @@ def format_across_markdown(across: dict[str, Any], *, title: str = "Protocols si
 
 
 def _read_curve(run_dir: Path) -> tuple[list[int], list[float]]:
-    its, losses = [], []
-    f = run_dir / "metrics.jsonl"
-    if not f.is_file():
-        return its, losses
-    for line in f.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by an interruption
-        if "loss" in rec and "iter" in rec:
-            its.append(int(rec["iter"]))
-            losses.append(float(rec["loss"]))
-    return its, losses
+    """(iterations, total weighted loss) of a run's training records (metrics.jsonl; none without the file)."""
+    rows = [(int(r["iter"]), float(r["loss"])) for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    return [i for i, _ in rows], [v for _, v in rows]
 
 
 def plot_compare(summary: dict[str, Any], run_dirs: dict[str, list[Path]], out_dir: Path, *,
