@@ -21,11 +21,16 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
+def _val_curve(record: dict[str, Any]) -> list[tuple[int, float]]:
+    """A record's validation curve ``[[iteration, mIoU], ...]`` as sorted (iteration, mIoU) pairs."""
+    return sorted((int(i), float(v)) for i, v in record.get("val_curve") or [])
+
+
 def val_stats(record: dict[str, Any]) -> tuple[float | None, float | None]:
     """(final val mIoU, its gain over the last quarter of training) of one record's validation curve
     ``[[iteration, mIoU], ...]``; the last-quarter start is the last evaluation at or before 75% of the last
     evaluated iteration. (None, None) without a curve, (final, None) with a single point."""
-    curve = sorted((int(i), float(v)) for i, v in record.get("val_curve") or [])
+    curve = _val_curve(record)
     if not curve:
         return None, None
     last_it, final = curve[-1]
@@ -38,7 +43,7 @@ def val_trend(record: dict[str, Any]) -> float | None:
     50% of the last evaluated iteration), in mIoU per quarter of that schedule; None with fewer than 3 such points.
     A steadier plateau reading than the last-quarter gain, which is the difference of two single evaluations that
     each move 1-4 mIoU (benchmarks/protocol.md)."""
-    curve = sorted((int(i), float(v)) for i, v in record.get("val_curve") or [])
+    curve = _val_curve(record)
     if not curve:
         return None
     last_it = curve[-1][0]
@@ -219,14 +224,16 @@ def format_markdown(summary: dict[str, Any], *, title: str, command: str | None 
               "val final | val last-quarter gain | val trend, last half (per quarter) | wall time / run (not resumed) |",
               "|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|"]
     pct = lambda v, sign="": "" if v is None else f"{100 * v:{sign}.2f}"  # noqa: E731
+    # the cells both tables end with (screen and confirmed rows carry the same _val_columns)
+    tail = lambda r: (f"{pct(r.get('val_last_quarter_gain_mean'), '+')} | {pct(r.get('val_trend_mean'), '+')} | "  # noqa: E731
+                      f"{_wall_text(r['wall_s_mean'])} |")
     for m, r in summary["methods"].items():
         gain = r.get("gain")
         per_seed = ", ".join(f"{100 * v:.2f}" for v in r["miou_per_seed"].values())
         paired = _paired_text(r.get("paired_vs_none"))
         lines.append(f"| {lab(m)} | {100 * r['miou_mean']:.2f} | {100 * r['miou_std']:.2f} | {r['seeds']} | "
                      f"{'' if gain is None else f'{100 * gain:+.2f}'} | {paired} | {per_seed} | "
-                     f"{pct(r.get('val_final_mean'))} | {pct(r.get('val_last_quarter_gain_mean'), '+')} | "
-                     f"{pct(r.get('val_trend_mean'), '+')} | {_wall_text(r['wall_s_mean'])} |")
+                     f"{pct(r.get('val_final_mean'))} | {tail(r)}")
     lines.append("")
     screen = summary.get("screen") or {}
     if screen:
@@ -237,8 +244,7 @@ def format_markdown(summary: dict[str, Any], *, title: str, command: str | None 
                   "val trend, last half (per quarter) | wall time / run (not resumed) |", "|---|---:|---:|---|---:|---:|---:|"]
         for m, r in screen.items():
             lines.append(f"| {lab(m)} | {r['seeds']} | {pct(r['val_final_mean'])} | "
-                         f"{_paired_text(r['val_paired_vs_none'])} | {pct(r['val_last_quarter_gain_mean'], '+')} | "
-                         f"{pct(r.get('val_trend_mean'), '+')} | {_wall_text(r['wall_s_mean'])} |")
+                         f"{_paired_text(r['val_paired_vs_none'])} | {tail(r)}")
         lines.append("")
     rec = summary.get("recommended")
     if rec:

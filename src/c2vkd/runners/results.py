@@ -75,7 +75,7 @@ def is_ablation(method: str, records: Sequence[dict[str, Any]] = ()) -> bool:
     preset, or a packaged one renamed since)."""
     if method.endswith((".yaml", ".yml")):
         return Path(method).parent.name == "ablation"
-    if (PACKAGE_CONFIGS / "ablation" / f"{method}.yaml").is_file():
+    if _preset_path(method, "ablation").is_file():
         return True
     return any(f"ablation/{method}.y" in (r.get("command") or "") for r in records)
 
